@@ -1,0 +1,5 @@
+"""``python -m edgesnn``: the command-line interface."""
+
+from .cli import main
+
+main()

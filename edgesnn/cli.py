@@ -1,0 +1,384 @@
+"""The ``edgesnn`` command line (typer): parse, call one library function, render.
+
+Exit codes: 0 success, 1 bad input (one line ``error: …`` on stderr), 2 usage
+error, 130 interrupted. ``--json`` prints exactly one JSON document on stdout;
+progress bars and tables go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .convert import THRESHOLD_MODES, ConvertConfig
+from .errors import EdgeSNNError
+from .zoo import DEFAULT_ZOO_MODEL, ZOO
+
+app = typer.Typer(
+    help=(
+        "edgesnn turns a pretrained PyTorch classifier into a spiking neural network without "
+        "its training data: synthetic images are generated from the ANN alone, the SNN is "
+        "calibrated on them, and accuracy is measured on real images you provide.\n\n"
+        "Start with:  edgesnn build --eval-data packaged"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    """edgesnn: private one-timestep spiking networks for edge hardware."""
+    _state["debug"] = debug
+    if version:
+        print(__version__)
+        raise typer.Exit(0)
+
+
+def _handle_errors(command: Callable) -> Callable:
+    """Map a user's mistake to one line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EdgeSNNError as error:
+            if _state["debug"]:
+                raise
+            stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            stderr.print("[bold red]error:[/] interrupted; finished stages are kept and a rerun resumes from them", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class _Bars:
+    """Renders library progress callbacks as rich progress bars on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.progress.add_task(task, total=total)
+        self.progress.update(self.tasks[task], completed=done, total=total)
+
+    def __enter__(self) -> "_Bars":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _log(message: str) -> None:
+    stderr.print(f"[dim]{message}[/]", highlight=False)
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _load_config(arch: Optional[str], input_shape: Optional[str], trust_pickle: bool):
+    from .load import LoadConfig, parse_input_shape
+
+    return LoadConfig(arch=arch, input_shape=parse_input_shape(input_shape) if input_shape else None, trust_pickle=trust_pickle)
+
+
+def _synth_config(count: int, method: str, iterations: Optional[int], batch_size: Optional[int], seed: int):
+    from .synth import SynthConfig
+
+    config = SynthConfig(count=count, method=method, seed=seed)
+    if iterations is not None:
+        config = dataclasses.replace(config, iterations=iterations)
+    if batch_size is not None:
+        config = dataclasses.replace(config, batch_size=batch_size)
+    return config
+
+
+def _parse_normalize(text: Optional[str]):
+    from .datasets import parse_normalize
+
+    return parse_normalize(text)
+
+
+# Shared option declarations: the same flag means the same thing in every command.
+ARCH = typer.Option(None, "--arch", help="Architecture for a state_dict checkpoint: a zoo name or path/to/model.py:factory.")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape C,H,W when it cannot be inferred, e.g. 3,32,32.")
+TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled nn.Module (runs code from the file: only for files you trust).")
+SEED = typer.Option(0, "--seed", help="Seed of every random choice; same seed, same result.")
+JSON = typer.Option(False, "--json", help="Print one JSON document on stdout (schema in README).")
+COUNT = typer.Option(2048, "--count", min=1, help="Synthetic images to generate (class-balanced).")
+METHOD = typer.Option("auto", "--method", help="Synthesis: auto, deepinversion (nets with BatchNorm) or data_impression.")
+ITERATIONS = typer.Option(None, "--iterations", min=1, help="Maximum optimisation steps per synthetic batch (default: synth's).")
+SYNTH_BATCH = typer.Option(None, "--synth-batch", min=1, help="Images optimised together (default: synth's).")
+TIMESTEPS_T = typer.Option(32, "--timesteps", min=1, help="Default number of SNN timesteps T.")
+THRESHOLD_MODE = typer.Option("percentile", "--threshold-mode", help=f"Threshold calibration: {' or '.join(THRESHOLD_MODES)}.")
+PERCENTILE = typer.Option(99.9, "--percentile", help="Percentile of positive activations used as threshold (mode percentile).")
+PER_CHANNEL = typer.Option(False, "--per-channel", help="One threshold per channel instead of per layer.")
+INITIAL_MEMBRANE = typer.Option(0.5, "--initial-membrane", help="Initial membrane potential as a fraction of the threshold.")
+DATA_HELP = "Real labelled images: an IDX folder (MNIST layout, .gz or not), an .npz with x and y, a CIFAR-10 batches folder, or 'packaged' (2,000 Fashion-MNIST test images shipped with edgesnn)."
+NORMALIZE = typer.Option(None, "--normalize", help="MEAN:STD per channel applied to pixels in [0,1], e.g. 0.485,0.456,0.406:0.229,0.224,0.225 (default: the model's own, if known).")
+LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N images.")
+SPLIT = typer.Option("test", "--split", help="Split of an IDX/CIFAR folder: test or train.")
+
+
+def _convert_config(timesteps: int, threshold_mode: str, percentile: float, per_channel: bool, initial_membrane: float, seed: int) -> ConvertConfig:
+    return ConvertConfig(timesteps=timesteps, threshold_mode=threshold_mode, percentile=percentile, per_channel=per_channel, initial_membrane=initial_membrane, seed=seed)
+
+
+def _render_report(report) -> None:
+    from .evaluate import accuracy_table
+
+    table = Table(title=f"accuracy on {report.images} real images ({report.source})", title_justify="left")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_column("agrees with ANN", justify="right")
+    for name, accuracy, agreement in accuracy_table(report):
+        table.add_row(name, f"{accuracy:.2%}", "" if agreement is None else f"{agreement:.2%}")
+    stderr.print(table)
+
+
+@app.command("zoo")
+@_handle_errors
+def zoo_command(json_output: bool = JSON) -> None:
+    """List the pretrained teachers shipped with edgesnn, with their measured test accuracy."""
+    rows = []
+    for entry in ZOO.values():
+        metadata = entry.metadata
+        rows.append(
+            {
+                "name": entry.name,
+                "description": entry.description,
+                "input_shape": list(entry.input_shape),
+                "num_classes": entry.num_classes,
+                "test_accuracy": metadata.get("test_accuracy"),
+                "parameters": metadata.get("parameters"),
+                "default": entry.name == DEFAULT_ZOO_MODEL,
+                "trained": entry.weights_path.is_file(),
+            }
+        )
+    if json_output:
+        _print_json(rows)
+        return
+    table = Table(title="edgesnn zoo (Fashion-MNIST teachers)", title_justify="left")
+    for column in ("name", "accuracy", "parameters", "input", "description"):
+        table.add_column(column)
+    for row in rows:
+        accuracy = f"{row['test_accuracy']:.2%}" if row["test_accuracy"] is not None else "untrained"
+        name = row["name"] + (" (default)" if row["default"] else "")
+        table.add_row(name, accuracy, str(row["parameters"] or ""), "×".join(map(str, row["input_shape"])), row["description"])
+    Console().print(table)
+
+
+@app.command("synth")
+@_handle_errors
+def synth_command(
+    model: str = typer.Argument(DEFAULT_ZOO_MODEL, help="Zoo name or checkpoint of the ANN."),
+    out: Path = typer.Option(Path("out"), "--out", help="Folder for synthetic.npz, synthetic.png and teacher.pt."),
+    count: int = COUNT,
+    method: str = METHOD,
+    iterations: Optional[int] = ITERATIONS,
+    synth_batch: Optional[int] = SYNTH_BATCH,
+    seed: int = SEED,
+    arch: Optional[str] = ARCH,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    trust_pickle: bool = TRUST_PICKLE,
+    json_output: bool = JSON,
+) -> None:
+    """Generate data-free synthetic images from the ANN alone (DeepInversion or Data Impression)."""
+    from .pipeline import load_teacher, synthesize_to
+
+    teacher = load_teacher(model, _load_config(arch, input_shape, trust_pickle))
+    config = _synth_config(count, method, iterations, synth_batch, seed)
+    with _Bars() as bars:
+        synthetic = synthesize_to(teacher, config, out, bars)
+    document = {"method": synthetic.method, "images": len(synthetic.labels), "out": str(out), **synthetic.metrics}
+    if json_output:
+        _print_json(document)
+    else:
+        stderr.print(f"{len(synthetic.labels)} images by {synthetic.method} → {out}/synthetic.npz; teacher agrees on {synthetic.metrics.get('target_agreement', float('nan')):.1%}")
+
+
+@app.command("convert")
+@_handle_errors
+def convert_command(
+    model: str = typer.Argument(DEFAULT_ZOO_MODEL, help="Zoo name, checkpoint, or a folder written by `edgesnn synth`."),
+    synthetic: Optional[Path] = typer.Option(None, "--synthetic", help="synthetic.npz (or its folder) to calibrate on; default: MODEL's folder."),
+    out: Path = typer.Option(Path("out"), "--out", help="Folder for snn.pt and teacher.pt."),
+    timesteps: int = TIMESTEPS_T,
+    threshold_mode: str = THRESHOLD_MODE,
+    percentile: float = PERCENTILE,
+    per_channel: bool = PER_CHANNEL,
+    initial_membrane: float = INITIAL_MEMBRANE,
+    seed: int = SEED,
+    arch: Optional[str] = ARCH,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    trust_pickle: bool = TRUST_PICKLE,
+    json_output: bool = JSON,
+) -> None:
+    """Convert the ANN into an integrate-and-fire SNN calibrated on synthetic images."""
+    from .errors import PipelineError
+    from .pipeline import convert_to, read_synthetic_source, resolve_model
+
+    teacher, _ = resolve_model(model, _load_config(arch, input_shape, trust_pickle))
+    source = synthetic if synthetic is not None else (Path(model) if Path(model).is_dir() else None)
+    if source is None:
+        raise PipelineError("no synthetic images: pass --synthetic path/to/synthetic.npz (made by `edgesnn synth`)")
+    images = read_synthetic_source(source)
+    config = _convert_config(timesteps, threshold_mode, percentile, per_channel, initial_membrane, seed)
+    with _Bars() as bars:
+        snn = convert_to(teacher, images, config, out, bars)
+    document = {"out": str(out), "timesteps": snn.timesteps, **snn.metrics}
+    if json_output:
+        _print_json(document)
+    else:
+        stderr.print(f"SNN with {len(snn.thresholds)} spiking layers → {out}/snn.pt")
+
+
+@app.command("eval")
+@_handle_errors
+def eval_command(
+    target: str = typer.Argument(..., help="A build folder, an snn.pt, or an ANN (zoo name/checkpoint: converted on the fly)."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    normalize: Optional[str] = NORMALIZE,
+    limit: Optional[int] = LIMIT,
+    split: str = SPLIT,
+    timesteps: str = typer.Option("1,2,4,8,16,32,64", "--timesteps", help="Comma-separated T values to report."),
+    count: int = COUNT,
+    seed: int = SEED,
+    arch: Optional[str] = ARCH,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    trust_pickle: bool = TRUST_PICKLE,
+    json_output: bool = JSON,
+) -> None:
+    """Report ANN and SNN accuracy on real images for each T."""
+    from .convert import convert
+    from .evaluate import evaluate, parse_timesteps
+    from .pipeline import EvalConfig, load_eval_data, report_json, resolve_model
+    from .synth import synthesize
+
+    steps = parse_timesteps(timesteps)
+    config = EvalConfig(data=data, normalize=_parse_normalize(normalize), limit=limit, split=split, timesteps=tuple(steps))
+    teacher, snn = resolve_model(target, _load_config(arch, input_shape, trust_pickle))
+    images = load_eval_data(config, teacher.normalize)
+    with _Bars() as bars:
+        if snn is None:
+            synthetic = synthesize(teacher, _synth_config(count, "auto", None, None, seed), bars)
+            snn = convert(teacher, synthetic, ConvertConfig(seed=seed), bars)
+        report = evaluate(teacher, snn, images, steps, bars)
+    if json_output:
+        _print_json(report_json(report))
+    else:
+        _render_report(report)
+
+
+@app.command("build")
+@_handle_errors
+def build_command(
+    model: str = typer.Argument(DEFAULT_ZOO_MODEL, help="Zoo name or checkpoint of the ANN (default: the default zoo model)."),
+    out: Path = typer.Option(Path("out"), "--out", help="Output folder; a rerun resumes from its finished stages."),
+    force: bool = typer.Option(False, "--force", help="Recompute every stage, ignoring finished ones in --out."),
+    count: int = COUNT,
+    method: str = METHOD,
+    iterations: Optional[int] = ITERATIONS,
+    synth_batch: Optional[int] = SYNTH_BATCH,
+    timesteps: int = TIMESTEPS_T,
+    threshold_mode: str = THRESHOLD_MODE,
+    percentile: float = PERCENTILE,
+    per_channel: bool = PER_CHANNEL,
+    initial_membrane: float = INITIAL_MEMBRANE,
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="After the build, measure accuracy on real images. " + DATA_HELP),
+    eval_normalize: Optional[str] = typer.Option(None, "--eval-normalize", help="MEAN:STD for --eval-data (default: the model's own, if known)."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
+    eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data."),
+    seed: int = SEED,
+    arch: Optional[str] = ARCH,
+    input_shape: Optional[str] = INPUT_SHAPE,
+    trust_pickle: bool = TRUST_PICKLE,
+    json_output: bool = JSON,
+) -> None:
+    """Run the whole job: load → synthesise images → convert to an SNN (→ evaluate on real data).
+
+    The build itself never reads a dataset; --eval-data is only used to report accuracy afterwards.
+    """
+    from .evaluate import parse_timesteps
+    from .pipeline import BuildConfig, EvalConfig, build, report_json
+
+    steps = parse_timesteps(eval_timesteps)
+    config = BuildConfig(
+        model=model,
+        load=_load_config(arch, input_shape, trust_pickle),
+        synth=_synth_config(count, method, iterations, synth_batch, seed),
+        convert=_convert_config(timesteps, threshold_mode, percentile, per_channel, initial_membrane, seed),
+        evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
+        seed=seed,
+    )
+    with _Bars() as bars:
+        result = build(config, out, force, bars, _log)
+    document: dict[str, Any] = {
+        "out": str(out),
+        "model": model,
+        "teacher": result.teacher.source,
+        "synthetic": {"method": result.synthetic.method, "images": len(result.synthetic.labels), **result.synthetic.metrics},
+        "timesteps": result.model.timesteps,
+        "stages": {name: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "resumed": s["resumed"]} for name, s in result.stages.items()},
+    }
+    if result.report is not None:
+        document.update(report_json(result.report))
+    if json_output:
+        _print_json(document)
+        return
+    table = Table(title=f"edgesnn build → {out}", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    table.add_column("peak RSS MiB", justify="right")
+    table.add_column("")
+    for name, stage in result.stages.items():
+        table.add_row(name, f"{stage['seconds']:.1f}", f"{stage['peak_rss_mb']:.0f}", "resumed" if stage["resumed"] else "")
+    stderr.print(table)
+    metrics = result.synthetic.metrics
+    stderr.print(
+        f"synthetic: {len(result.synthetic.labels)} images by {result.synthetic.method}, teacher agrees on "
+        f"{metrics.get('target_agreement', float('nan')):.1%}, {metrics.get('images_per_second', float('nan')):.1f} images/s"
+    )
+    if result.report is not None:
+        _render_report(result.report)
+    else:
+        stderr.print("add --eval-data PATH (or --eval-data packaged) to measure accuracy on real images")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

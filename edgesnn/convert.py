@@ -1,0 +1,259 @@
+"""Stage ``convert``: turn the teacher into a rate-coded spiking network.
+
+Every ReLU becomes an integrate-and-fire (IF) neuron with soft reset,
+
+    v[t] = v[t−1] + I[t];   s[t] = [v[t] ≥ θ];   v[t] ← v[t] − θ·s[t];   out[t] = θ·s[t],
+
+starting from v[0] = v₀·θ (v₀ = ½ centres the rounding error). A spike carries
+the amplitude θ, so the firing rate times θ approximates the ReLU output clipped
+at θ, and the ANN's weights are used unchanged: residual adds, pooling,
+padding and concatenation therefore see the same scale as in the ANN. (For a
+binary-spike deployment θ is folded into the next layer's weights at export.)
+Thresholds are calibrated per layer or per channel from the ReLU outputs of the
+teacher on the synthetic images: their maximum, or a percentile of the
+positive activations (robust to outliers). The input is fed as a constant
+current (direct coding); the output layer does not spike, its logits are the
+time average of its input current.
+
+Time is a tensor dimension: each layer processes all T timesteps of a batch in
+one call (T·B samples), then each neuron runs its recurrence over T.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
+from .errors import ConvertError
+from .graph import Graph, GraphNetwork, fold_batchnorm, module_key
+
+THRESHOLD_MODES = ("max", "percentile")
+SAMPLES_PER_BATCH = 262_144  # activations kept per layer and batch for percentile estimates
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How thresholds are calibrated and how long the SNN runs by default."""
+
+    timesteps: int = 32  # default T for inference
+    threshold_mode: str = "percentile"  # "max" or "percentile" of the ReLU outputs
+    percentile: float = 99.9  # used by mode "percentile": of the positive activations
+    per_channel: bool = False  # one threshold per channel instead of per layer
+    initial_membrane: float = 0.5  # v(0) as a fraction of θ
+    calibration_images: int = 0  # synthetic images used for calibration; 0 means all
+    batch_size: int = 256  # calibration batch size
+    seed: int = 0  # seed of the activation subsampling
+
+
+class IFNeuron(nn.Module):
+    """Integrate-and-fire neurons with soft reset over ``timesteps`` steps.
+
+    Input: the current for T·B samples (time-major), or for B samples when the
+    current is constant in time. Output: θ·s for T·B samples.
+    """
+
+    def __init__(self, threshold: torch.Tensor, initial_membrane: float = 0.5):
+        super().__init__()
+        self.register_buffer("threshold", threshold.detach().clone().float())
+        self.initial_membrane = initial_membrane
+        self.timesteps = 1
+        self.batch = 0  # B of the current simulation, set by SpikingNetwork
+
+    def _theta(self, current: torch.Tensor) -> torch.Tensor:
+        theta = self.threshold
+        if theta.dim() == 1 and current.dim() > 2:
+            theta = theta.reshape(-1, *([1] * (current.dim() - 2)))
+        return theta
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        steps = self.timesteps
+        theta = self._theta(current)
+        constant = current.shape[0] == self.batch and steps > 1
+        if not constant:
+            current = current.reshape(steps, -1, *current.shape[1:])
+        membrane = torch.ones_like(current[0] if not constant else current) * theta * self.initial_membrane
+        outputs = []
+        for step in range(steps):
+            membrane = membrane + (current if constant else current[step])
+            spikes = (membrane >= theta).to(current.dtype)
+            membrane = membrane - theta * spikes
+            outputs.append(spikes * theta)
+        return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
+
+
+class SpikingNetwork(nn.Module):
+    """Simulates a ``SpikingModel``: returns the mean output after each timestep."""
+
+    def __init__(self, model: SpikingModel):
+        super().__init__()
+        self.model = model
+        self.neurons = {name: IFNeuron(theta, model.initial_membrane) for name, theta in model.thresholds.items()}
+        self.network = GraphNetwork(model.graph, self.neurons).eval()
+
+    def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+        """Logits averaged over the first t steps, for t = 1..T: shape T×B×classes."""
+        steps = timesteps or self.model.timesteps
+        batch = x.shape[0]
+        for neuron in self.neurons.values():
+            neuron.timesteps, neuron.batch = steps, batch
+        output = self.network(x)
+        if output.shape[0] == batch and steps > 1:
+            output = output.unsqueeze(0).expand(steps, *output.shape)
+        output = output.reshape(steps, batch, *output.shape[1:])
+        counts = torch.arange(1, steps + 1, dtype=output.dtype).reshape(-1, *([1] * (output.dim() - 1)))
+        return output.cumsum(0) / counts
+
+
+def _check(config: ConvertConfig) -> None:
+    if config.threshold_mode not in THRESHOLD_MODES:
+        raise ConvertError(f"threshold mode {config.threshold_mode!r} is unknown; valid: {', '.join(THRESHOLD_MODES)}")
+    if not 0 < config.percentile <= 100:
+        raise ConvertError(f"percentile {config.percentile} must be in (0, 100]")
+    if config.timesteps < 1:
+        raise ConvertError(f"timesteps {config.timesteps} must be at least 1")
+    if not 0 <= config.initial_membrane < 1:
+        raise ConvertError(f"initial membrane {config.initial_membrane} must be in [0, 1) of the threshold")
+    if config.batch_size < 1 or config.calibration_images < 0:
+        raise ConvertError("batch size must be ≥ 1 and calibration images ≥ 0")
+
+
+class _ActivationStatistics:
+    """Collects, per ReLU node, the running max and a subsample of positive outputs."""
+
+    def __init__(self, per_channel: bool, generator: torch.Generator):
+        self.per_channel = per_channel
+        self.generator = generator
+        self.maximum: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name: str, output: torch.Tensor) -> None:
+        values = output.detach()
+        channels = values.transpose(0, 1).reshape(values.shape[1], -1) if self.per_channel else values.reshape(1, -1)
+        maximum = channels.max(dim=1).values
+        self.maximum[name] = maximum if name not in self.maximum else torch.maximum(self.maximum[name], maximum)
+        keep = max(1, SAMPLES_PER_BATCH // channels.shape[0])
+        if channels.shape[1] > keep:
+            index = torch.randint(0, channels.shape[1], (keep,), generator=self.generator)
+            channels = channels[:, index]
+        self.samples.setdefault(name, []).append(channels)
+
+    def threshold(self, name: str, mode: str, percentile: float) -> torch.Tensor:
+        if mode == "max":
+            result = self.maximum[name]
+        else:
+            values = torch.cat(self.samples[name], dim=1)
+            result = torch.stack([_positive_percentile(row, percentile) for row in values])
+        return result if self.per_channel else result.reshape(())
+
+
+def _positive_percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
+    positive = values[values > 0]
+    if positive.numel() == 0:
+        return torch.tensor(0.0)
+    rank = min(positive.numel(), max(1, int(round(percentile / 100 * positive.numel()))))
+    return positive.kthvalue(rank).values
+
+
+def calibrate_thresholds(graph: Graph, images: torch.Tensor, config: ConvertConfig, progress: Progress = no_progress) -> dict[str, torch.Tensor]:
+    """Threshold θ per ReLU node of ``graph`` from its outputs on ``images`` (ANN mode)."""
+    network = GraphNetwork(graph).eval()
+    statistics = _ActivationStatistics(config.per_channel, torch.Generator().manual_seed(config.seed))
+    handles = []
+    for node in graph.neurons():
+        handles.append(network.layer(node.name).register_forward_hook(lambda module, inputs, output, name=node.name: statistics.observe(name, output)))
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), config.batch_size):
+                network(images[start : start + config.batch_size])
+                progress("calibrate", min(start + config.batch_size, len(images)), len(images))
+    finally:
+        for handle in handles:
+            handle.remove()
+    thresholds = {}
+    for node in graph.neurons():
+        theta = statistics.threshold(node.name, config.threshold_mode, config.percentile)
+        ceiling = node.attrs.get("ceiling")
+        if ceiling is not None:
+            theta = theta.clamp(max=ceiling)
+        # A layer (or channel) that never fires on the calibration set gets a tiny
+        # threshold of its layer's scale rather than 0, which would fire on noise.
+        fallback = float(theta.max()) if theta.numel() > 1 and float(theta.max()) > 0 else 1.0
+        thresholds[node.name] = torch.where(theta > 0, theta, torch.full_like(theta, fallback))
+    return thresholds
+
+
+def convert(teacher: Teacher, synthetic: SyntheticSet, config: ConvertConfig = ConvertConfig(), progress: Progress = no_progress) -> SpikingModel:
+    """Fold BatchNorm, calibrate IF thresholds on the synthetic images, return the SNN."""
+    _check(config)
+    images = synthetic.images
+    if config.calibration_images:
+        images = images[: config.calibration_images]
+    if len(images) == 0:
+        raise ConvertError("no calibration images: the synthetic set is empty")
+    if tuple(images.shape[1:]) != tuple(teacher.input_shape):
+        raise ConvertError(f"synthetic images have shape {tuple(images.shape[1:])} but the teacher expects {teacher.input_shape}")
+    started = time.perf_counter()
+    graph = fold_batchnorm(teacher.graph)
+    thresholds = calibrate_thresholds(graph, images, config, progress)
+    metrics = {
+        "calibration_images": len(images),
+        "seconds": round(time.perf_counter() - started, 3),
+        "neurons": len(thresholds),
+        "threshold_mean": {name: round(float(theta.mean()), 5) for name, theta in thresholds.items()},
+    }
+    return SpikingModel(graph, thresholds, config.initial_membrane, config.timesteps, teacher.input_shape, teacher.num_classes, teacher.normalize, asdict(config), metrics)
+
+
+def spiking_state(model: SpikingModel) -> dict:
+    """The SNN as plain values and tensors (safe for ``torch.load(weights_only=True)``)."""
+    return {
+        "format": "edgesnn-spiking-model",
+        "graph": model.graph.to_dict(),
+        "thresholds": {name: theta.clone() for name, theta in model.thresholds.items()},
+        "initial_membrane": model.initial_membrane,
+        "timesteps": model.timesteps,
+        "input_shape": list(model.input_shape),
+        "num_classes": model.num_classes,
+        "normalize": [list(model.normalize[0]), list(model.normalize[1])] if model.normalize else None,
+        "config": model.config,
+        "metrics": model.metrics,
+    }
+
+
+def spiking_from_state(state: dict, where: str = "model") -> SpikingModel:
+    """Inverse of ``spiking_state``, checking what it reads."""
+    from .errors import ArtifactError
+
+    if not isinstance(state, dict) or state.get("format") != "edgesnn-spiking-model":
+        raise ArtifactError(f"{where}: not an edgesnn spiking model")
+    graph = Graph.from_dict(state.get("graph"), where)
+    thresholds = state.get("thresholds")
+    neuron_names = {node.name for node in graph.neurons()}
+    if not isinstance(thresholds, dict) or set(thresholds) != neuron_names:
+        raise ArtifactError(f"{where}: thresholds do not match the graph's neurons")
+    for name, theta in thresholds.items():
+        if not isinstance(theta, torch.Tensor) or not torch.isfinite(theta).all() or (theta <= 0).any():
+            raise ArtifactError(f"{where}: threshold of {name!r} must be a finite positive tensor")
+    try:
+        normalize = state["normalize"]
+        normalize = (tuple(normalize[0]), tuple(normalize[1])) if normalize else None
+        return SpikingModel(
+            graph,
+            thresholds,
+            float(state["initial_membrane"]),
+            int(state["timesteps"]),
+            tuple(int(v) for v in state["input_shape"]),
+            int(state["num_classes"]),
+            normalize,
+            dict(state.get("config", {})),
+            dict(state.get("metrics", {})),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ArtifactError(f"{where}: malformed spiking model ({error})") from None
+
+
+__all__ = ["ConvertConfig", "IFNeuron", "SpikingNetwork", "calibrate_thresholds", "convert", "module_key", "spiking_state", "spiking_from_state"]

@@ -1,0 +1,511 @@
+"""The build pipeline: runs the stages in order and is the only module that touches disk.
+
+Output folder of ``edgesnn build``::
+
+    teacher.pt       the captured ANN graph (plain tensors; weights_only-safe)
+    synthetic.npz    synthetic images, labels, teacher logits
+    synthetic.png    preview grid of the synthetic images
+    snn.pt           the converted spiking model (plain tensors; weights_only-safe)
+    eval.json        accuracy on real data (when --eval-data is given)
+    manifest.json    per stage: config, input and output sha256, seconds, peak RSS, metrics
+
+Every file is written to a temporary name and renamed into place, and the
+manifest is updated after each stage, so an interrupted build leaves only whole
+files. A rerun with the same configuration resumes: a stage whose config and
+inputs are unchanged and whose outputs are intact is loaded, not recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifacts import EvalReport, LoadedModel, Progress, SpikingModel, SyntheticSet, Teacher, no_progress
+from .capture import CaptureConfig, capture
+from .convert import ConvertConfig, convert, spiking_from_state, spiking_state
+from .datasets import PACKAGED_SUBSET, LabelledImages, load_labelled_images
+from .errors import ArtifactError, EdgeSNNError, PipelineError
+from .evaluate import evaluate
+from .graph import Graph
+from .load import LoadConfig, load_model
+from .zoo import DEFAULT_ZOO_MODEL, ZOO
+
+MANIFEST = "manifest.json"
+TEACHER_FILE = "teacher.pt"
+SYNTHETIC_FILE = "synthetic.npz"
+PREVIEW_FILE = "synthetic.png"
+SNN_FILE = "snn.pt"
+EVAL_FILE = "eval.json"
+PACKAGED_DATA = "packaged"  # --eval-data value for the real Fashion-MNIST subset shipped in the package
+
+Log = Callable[[str], None]
+
+
+def _synth():
+    """``edgesnn.synth`` is imported lazily: only the pipeline and CLI depend on it."""
+    from . import synth
+
+    return synth
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation on real labelled images (never used by the build itself)."""
+
+    data: str | None = None  # IDX folder, .npz, CIFAR-10 folder, or "packaged"; None: no evaluation
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: the teacher's own, if known
+    limit: int | None = None  # evaluate on the first N images only
+    split: str = "test"  # "test" or "train" split of an IDX/CIFAR folder
+    timesteps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # T values to report
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything ``edgesnn build`` does, one field per CLI option group."""
+
+    model: str = DEFAULT_ZOO_MODEL  # zoo name or checkpoint path
+    load: LoadConfig = field(default_factory=LoadConfig)
+    synth: Any = None  # edgesnn.synth.SynthConfig; None: its defaults
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0  # seeds every stage
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What a build produced, for the CLI's summary."""
+
+    out: Path  # the output folder
+    teacher: Teacher
+    synthetic: SyntheticSet
+    model: SpikingModel
+    report: EvalReport | None  # None without --eval-data
+    stages: dict[str, dict[str, Any]]  # stage -> {"seconds", "peak_rss_mb", "resumed", "metrics"}
+
+
+# ---------------------------------------------------------------------------
+# Files
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` through a temporary file and rename; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return sha256_bytes(data)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: {what} not found") from None
+    except Exception as error:  # corrupt zip, pickle refused, ...
+        raise ArtifactError(f"{path}: not a readable {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+# ---------------------------------------------------------------------------
+# Artifacts <-> bytes
+
+
+def teacher_bytes(teacher: Teacher) -> bytes:
+    return _torch_bytes(
+        {
+            "format": "edgesnn-teacher",
+            "graph": teacher.graph.to_dict(),
+            "input_shape": list(teacher.input_shape),
+            "num_classes": teacher.num_classes,
+            "normalize": [list(teacher.normalize[0]), list(teacher.normalize[1])] if teacher.normalize else None,
+            "source": teacher.source,
+        }
+    )
+
+
+def read_teacher(path: Path) -> Teacher:
+    state = _torch_load(path, "teacher")
+    if not isinstance(state, dict) or state.get("format") != "edgesnn-teacher":
+        raise ArtifactError(f"{path}: not an edgesnn teacher")
+    normalize = state.get("normalize")
+    try:
+        return Teacher(
+            Graph.from_dict(state["graph"], str(path)),
+            tuple(int(v) for v in state["input_shape"]),
+            int(state["num_classes"]),
+            (tuple(normalize[0]), tuple(normalize[1])) if normalize else None,
+            str(state["source"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{path}: malformed teacher ({error})") from None
+
+
+def synthetic_bytes(synthetic: SyntheticSet) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        images=synthetic.images.numpy(),
+        labels=synthetic.labels.numpy(),
+        teacher_logits=synthetic.teacher_logits.numpy(),
+        method=np.array(synthetic.method),
+        metrics=np.array(json.dumps(_jsonable(synthetic.metrics))),
+        config=np.array(json.dumps(_jsonable(synthetic.config))),
+    )
+    return buffer.getvalue()
+
+
+def read_synthetic(path: Path) -> SyntheticSet:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images = torch.from_numpy(archive["images"].astype(np.float32))
+            labels = torch.from_numpy(archive["labels"].astype(np.int64))
+            logits = torch.from_numpy(archive["teacher_logits"].astype(np.float32))
+            method = str(archive["method"]) if "method" in archive.files else "unknown"
+            metrics = json.loads(str(archive["metrics"])) if "metrics" in archive.files else {}
+            config = json.loads(str(archive["config"])) if "config" in archive.files else {}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: synthetic set not found") from None
+    except (KeyError, ValueError, OSError, EOFError) as error:
+        raise ArtifactError(f"{path}: not a readable synthetic set ({error})") from None
+    if images.dim() != 4 or len(images) != len(labels) or len(logits) != len(labels):
+        raise ArtifactError(f"{path}: synthetic set arrays have inconsistent shapes")
+    if not torch.isfinite(images).all():
+        raise ArtifactError(f"{path}: synthetic images contain NaN or Inf")
+    return SyntheticSet(images, labels, logits, method, metrics, config)
+
+
+def spiking_bytes(model: SpikingModel) -> bytes:
+    return _torch_bytes(spiking_state(model))
+
+
+def read_spiking(path: Path) -> SpikingModel:
+    return spiking_from_state(_torch_load(path, "spiking model"), str(path))
+
+
+def teacher_of(model: SpikingModel, source: str) -> Teacher:
+    """The ANN equivalent of an SNN: its graph (BatchNorm folded) run with ReLUs."""
+    return Teacher(model.graph, model.input_shape, model.num_classes, model.normalize, source)
+
+
+# ---------------------------------------------------------------------------
+# Running stages
+
+
+class _Run:
+    """One output folder: its manifest, and stages that are computed or resumed."""
+
+    def __init__(self, out: Path, force: bool, log: Log):
+        self.out = out
+        self.log = log
+        self.manifest_path = out / MANIFEST
+        if out.exists() and not out.is_dir():
+            raise PipelineError(f"--out {out}: exists and is not a folder")
+        self.manifest = self._read_manifest() if not force else None
+        if self.manifest is None:
+            self.manifest = {"edgesnn": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": {}}
+        self.manifest.update(
+            {
+                "edgesnn": __version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "python": sys.version.split()[0],
+                "datasets_read_by_build": [],
+            }
+        )
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def _read_manifest(self) -> dict | None:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            self.log(f"{self.manifest_path} is unreadable: starting the build over")
+            return None
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict) else None
+
+    def _intact(self, name: str, config: dict, inputs: dict[str, str]) -> bool:
+        entry = self.manifest["stages"].get(name)
+        if not entry or entry.get("config") != config or entry.get("inputs") != inputs:
+            return False
+        for filename, digest in entry.get("outputs", {}).items():
+            path = self.out / filename
+            if not path.is_file() or sha256_file(path) != digest:
+                return False
+        return True
+
+    def stage(self, name: str, config: dict, inputs: dict[str, str], compute: Callable[[], tuple[Any, dict[str, bytes], dict]], restore: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
+        """Run or resume one stage; returns its artifact and its outputs' sha256 by file name."""
+        config = _jsonable(config)
+        if self._intact(name, config, inputs):
+            entry = self.manifest["stages"][name]
+            try:
+                artifact = restore()
+            except EdgeSNNError as error:
+                self.log(f"{name}: could not resume ({error}); recomputing")
+            else:
+                self.log(f"{name}: resumed from {', '.join(entry['outputs'])}")
+                self.stages[name] = {"seconds": entry["seconds"], "peak_rss_mb": entry["peak_rss_mb"], "resumed": True, "metrics": entry.get("metrics", {})}
+                return artifact, entry["outputs"]
+        started = time.perf_counter()
+        artifact, files, metrics = compute()
+        outputs = {filename: write_atomic(self.out / filename, data) for filename, data in files.items()}
+        entry = {
+            "config": config,
+            "inputs": inputs,
+            "outputs": outputs,
+            "seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": peak_rss_mb(),
+            "metrics": _jsonable(metrics),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.manifest["stages"][name] = entry
+        self.save_manifest()
+        self.stages[name] = {"seconds": entry["seconds"], "peak_rss_mb": entry["peak_rss_mb"], "resumed": False, "metrics": entry["metrics"]}
+        return artifact, outputs
+
+    def save_manifest(self) -> None:
+        write_atomic(self.manifest_path, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _model_digest(spec: str, config: LoadConfig) -> str:
+    """sha256 that changes when the model or its architecture file changes."""
+    parts = [spec]
+    if spec in ZOO:
+        weights = ZOO[spec].weights_path
+        parts.append(sha256_file(weights) if weights.is_file() else "untrained")
+    elif Path(spec).is_file():
+        parts.append(sha256_file(Path(spec)))
+    if config.arch and ":" in config.arch:
+        arch_file = Path(config.arch.rsplit(":", 1)[0])
+        if arch_file.is_file():
+            parts.append(sha256_file(arch_file))
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def load_teacher(spec: str, config: LoadConfig = LoadConfig(), capture_config: CaptureConfig = CaptureConfig()) -> Teacher:
+    """Stages load and capture: a checked teacher graph from a zoo name or checkpoint."""
+    loaded: LoadedModel = load_model(spec, config)
+    return capture(loaded, capture_config)
+
+
+def load_eval_data(config: EvalConfig, teacher_normalize) -> LabelledImages:
+    """Real images for evaluation; the teacher's normalisation is used unless one is given."""
+    path = PACKAGED_SUBSET if config.data == PACKAGED_DATA else config.data
+    if path is None:
+        raise PipelineError("no evaluation data given (--data / --eval-data)")
+    return load_labelled_images(path, config.split, config.normalize or teacher_normalize, config.limit)
+
+
+def _synth_config(config: BuildConfig):
+    synth = _synth()
+    base = config.synth if config.synth is not None else synth.SynthConfig()
+    return dataclasses.replace(base, seed=config.seed)
+
+
+def build(config: BuildConfig, out: Path, force: bool = False, progress: Progress = no_progress, log: Log = lambda message: None) -> BuildResult:
+    """load → capture → synth → convert (→ eval on real data), resuming where possible."""
+    out = Path(out)
+    run = _Run(out, force, log)
+
+    load_inputs = {"model": _model_digest(config.model, config.load)}
+    teacher, teacher_outputs = run.stage(
+        "load",
+        {"model": config.model, "load": config.load},
+        load_inputs,
+        lambda: _compute_teacher(config),
+        lambda: read_teacher(out / TEACHER_FILE),
+    )
+
+    synth_config = _synth_config(config)
+    synthetic, synthetic_outputs = run.stage(
+        "synth",
+        {"synth": synth_config},
+        {TEACHER_FILE: teacher_outputs[TEACHER_FILE]},
+        lambda: _compute_synthetic(teacher, synth_config, progress),
+        lambda: read_synthetic(out / SYNTHETIC_FILE),
+    )
+
+    convert_config = dataclasses.replace(config.convert, seed=config.seed)
+    model, model_outputs = run.stage(
+        "convert",
+        {"convert": convert_config},
+        {TEACHER_FILE: teacher_outputs[TEACHER_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
+        lambda: _compute_snn(teacher, synthetic, convert_config, progress),
+        lambda: read_spiking(out / SNN_FILE),
+    )
+
+    report = None
+    if config.evaluation.data is not None:
+        report = _evaluate_stage(run, config.evaluation, teacher, model, model_outputs[SNN_FILE], progress)
+    run.manifest["datasets_read_by_build"] = []  # load, synth and convert read no data set: data-free
+    run.manifest["final_model"] = SNN_FILE
+    run.save_manifest()
+    return BuildResult(out, teacher, synthetic, model, report, run.stages)
+
+
+def _compute_teacher(config: BuildConfig):
+    teacher = load_teacher(config.model, config.load)
+    metrics = {"source": teacher.source, "nodes": len(teacher.graph.nodes), "neurons": len(teacher.graph.neurons()), "input_shape": teacher.input_shape, "num_classes": teacher.num_classes}
+    return teacher, {TEACHER_FILE: teacher_bytes(teacher)}, metrics
+
+
+def _compute_synthetic(teacher: Teacher, synth_config, progress: Progress):
+    synth = _synth()
+    synthetic = synth.synthesize(teacher, synth_config, progress)
+    files = {SYNTHETIC_FILE: synthetic_bytes(synthetic), PREVIEW_FILE: synth.preview_png(synthetic, teacher.normalize)}
+    return synthetic, files, dict(synthetic.metrics, method=synthetic.method, images=len(synthetic.labels))
+
+
+def _compute_snn(teacher: Teacher, synthetic: SyntheticSet, convert_config: ConvertConfig, progress: Progress):
+    model = convert(teacher, synthetic, convert_config, progress)
+    return model, {SNN_FILE: spiking_bytes(model)}, model.metrics
+
+
+def _evaluate_stage(run: _Run, config: EvalConfig, teacher: Teacher, model: SpikingModel, model_digest: str, progress: Progress) -> EvalReport:
+    """Evaluation reads real data, so it is recorded apart from the data-free stages and always rerun."""
+    started = time.perf_counter()
+    data = load_eval_data(config, teacher.normalize)
+    report = evaluate(teacher, model, data, list(config.timesteps), progress)
+    document = report_json(report)
+    digest = write_atomic(run.out / EVAL_FILE, (json.dumps(document, indent=2) + "\n").encode())
+    run.manifest["evaluation"] = {
+        "data": report.source,
+        "images": report.images,
+        "inputs": {SNN_FILE: model_digest},
+        "outputs": {EVAL_FILE: digest},
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "note": "real data is read for evaluation only, after the model is built",
+    }
+    run.stages["eval"] = {"seconds": run.manifest["evaluation"]["seconds"], "peak_rss_mb": run.manifest["evaluation"]["peak_rss_mb"], "resumed": False, "metrics": document}
+    return report
+
+
+def report_json(report: EvalReport) -> dict[str, Any]:
+    """The documented JSON schema of an evaluation (accuracies as fractions)."""
+    return {
+        "ann_accuracy": round(report.ann_accuracy, 6),
+        "snn_accuracy": {str(t): round(a, 6) for t, a in report.snn_accuracy.items()},
+        "agreement": {str(t): round(a, 6) for t, a in report.agreement.items()},
+        "images": report.images,
+        "data": report.source,
+        "seconds": report.seconds,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Single-stage commands
+
+
+def resolve_model(target: str, load_config: LoadConfig = LoadConfig()) -> tuple[Teacher, SpikingModel | None]:
+    """A build folder, an ``snn.pt``/``teacher.pt`` file, or an ANN (zoo name / checkpoint)."""
+    path = Path(target)
+    if path.is_dir():
+        if (path / SNN_FILE).is_file():
+            model = read_spiking(path / SNN_FILE)
+            teacher = read_teacher(path / TEACHER_FILE) if (path / TEACHER_FILE).is_file() else teacher_of(model, str(path))
+            return teacher, model
+        if (path / TEACHER_FILE).is_file():
+            return read_teacher(path / TEACHER_FILE), None
+        raise PipelineError(f"{path}: folder holds neither {SNN_FILE} nor {TEACHER_FILE} (is it an edgesnn build output?)")
+    if path.is_file() and path.suffix == ".pt" and load_config.arch is None:
+        state = _peek_format(path)
+        if state == "edgesnn-spiking-model":
+            model = read_spiking(path)
+            return teacher_of(model, str(path)), model
+        if state == "edgesnn-teacher":
+            return read_teacher(path), None
+    return load_teacher(target, load_config), None
+
+
+def _peek_format(path: Path) -> str | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return state.get("format") if isinstance(state, dict) else None
+
+
+def synthesize_to(teacher: Teacher, synth_config, out: Path, progress: Progress = no_progress) -> SyntheticSet:
+    """``edgesnn synth``: write synthetic.npz, synthetic.png and teacher.pt into ``out``."""
+    synth = _synth()
+    synthetic = synth.synthesize(teacher, synth_config, progress)
+    write_atomic(out / TEACHER_FILE, teacher_bytes(teacher))
+    write_atomic(out / SYNTHETIC_FILE, synthetic_bytes(synthetic))
+    write_atomic(out / PREVIEW_FILE, synth.preview_png(synthetic, teacher.normalize))
+    return synthetic
+
+
+def convert_to(teacher: Teacher, synthetic: SyntheticSet, convert_config: ConvertConfig, out: Path, progress: Progress = no_progress) -> SpikingModel:
+    """``edgesnn convert``: write snn.pt (and teacher.pt) into ``out``."""
+    model = convert(teacher, synthetic, convert_config, progress)
+    write_atomic(out / TEACHER_FILE, teacher_bytes(teacher))
+    write_atomic(out / SNN_FILE, spiking_bytes(model))
+    return model
+
+
+def read_synthetic_source(path: Path) -> SyntheticSet:
+    """A synthetic.npz, or a folder that holds one."""
+    path = Path(path)
+    return read_synthetic(path / SYNTHETIC_FILE if path.is_dir() else path)

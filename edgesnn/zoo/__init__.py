@@ -1,0 +1,72 @@
+"""The model zoo: pretrained teachers shipped with edgesnn.
+
+Each entry names an architecture factory, the input it expects and the file of
+its trained weights (a plain state_dict, loadable with ``weights_only=True``).
+``scripts/train_zoo.py`` trains them from the Fashion-MNIST training set and
+records the measured test accuracy in ``zoo.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .models import ResNetSmall, VGGSmall
+
+ZOO_DIR = Path(__file__).parent
+FASHION_MNIST_NORMALIZE = ((0.2860,), (0.3530,))
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One pretrained teacher of the zoo."""
+
+    name: str  # registry key, used on the command line
+    factory: Callable[[], nn.Module]  # builds the untrained architecture
+    description: str  # one line for `edgesnn zoo`
+    input_shape: tuple[int, int, int]  # C, H, W of one input image
+    num_classes: int  # number of output logits
+    normalize: tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean, std applied to [0,1] pixels
+
+    @property
+    def weights_path(self) -> Path:
+        return ZOO_DIR / f"{self.name}.pt"
+
+    @property
+    def metadata(self) -> dict:
+        """Training record (accuracy, epochs, seed, sha256) from zoo.json, or {} if untrained."""
+        return _read_metadata().get(self.name, {})
+
+
+def _read_metadata() -> dict:
+    path = ZOO_DIR / "zoo.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            "fmnist_resnet8",
+            lambda: ResNetSmall(num_classes=10, in_channels=1, widths=(16, 32, 64), blocks=(1, 1, 1)),
+            "ResNet-8 (16/32/64 channels, 1x1-conv shortcuts, BatchNorm) for Fashion-MNIST",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
+        ZooEntry(
+            "fmnist_vgg",
+            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(24, 48, 96)),
+            "VGG-style CNN (5 conv, 24/48/96 channels, BatchNorm, average pooling) for Fashion-MNIST",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
+    )
+}
+
+DEFAULT_ZOO_MODEL = "fmnist_resnet8"

@@ -1,0 +1,1 @@
+"""C99 runtime for exported SNNs (package data; arrives with the export stage)."""

@@ -1,0 +1,154 @@
+"""Train the zoo teachers on the Fashion-MNIST training set and record their test accuracy.
+
+    python scripts/train_zoo.py [--models fmnist_resnet8,fmnist_vgg] [--epochs 20] [--seed 0]
+
+Needs the Debian package `dataset-fashion-mnist` (or --data pointing at an IDX
+folder). Writes edgesnn/zoo/<name>.pt (a plain state_dict) and updates
+edgesnn/zoo/zoo.json with the measured accuracy on the 10,000 test images.
+Seeded and single-process, so a rerun on the same machine gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from edgesnn.datasets import load_labelled_images  # noqa: E402
+from edgesnn.zoo import ZOO, ZOO_DIR  # noqa: E402
+
+DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+
+
+def augment(images: torch.Tensor, background: float, generator: torch.Generator) -> torch.Tensor:
+    """Random 2-pixel translation, horizontal flip and random erasing (p=0.5)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (2, 2, 2, 2), value=background)
+    dx = torch.randint(0, 5, (n,), generator=generator)
+    dy = torch.randint(0, 5, (n,), generator=generator)
+    rows = dy[:, None, None] + torch.arange(h)[None, :, None]
+    cols = dx[:, None, None] + torch.arange(w)[None, None, :]
+    shifted = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    flip = torch.rand(n, generator=generator) < 0.5
+    shifted[flip] = shifted[flip].flip(3)
+    erase = torch.rand(n, generator=generator) < 0.5
+    eh = torch.randint(4, 12, (n,), generator=generator)
+    ew = torch.randint(4, 12, (n,), generator=generator)
+    ey = (torch.rand(n, generator=generator) * (h - eh)).long()
+    ex = (torch.rand(n, generator=generator) * (w - ew)).long()
+    ys = torch.arange(h)[None, :, None]
+    xs = torch.arange(w)[None, None, :]
+    box = (ys >= ey[:, None, None]) & (ys < (ey + eh)[:, None, None]) & (xs >= ex[:, None, None]) & (xs < (ex + ew)[:, None, None])
+    box &= erase[:, None, None]
+    return torch.where(box[:, None], torch.full_like(shifted, background), shifted)
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(images), 1000):
+            correct += (model(images[start : start + 1000]).argmax(1) == labels[start : start + 1000]).sum().item()
+    return correct / len(images)
+
+
+def train(name: str, data: str, epochs: int, seed: int, batch: int, lr: float, checkpoint: Path | None = None) -> dict:
+    entry = ZOO[name]
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_set = load_labelled_images(data, "train", entry.normalize)
+    test_set = load_labelled_images(data, "test", entry.normalize)
+    x_train, y_train = torch.from_numpy(train_set.images), torch.from_numpy(train_set.labels)
+    x_test, y_test = torch.from_numpy(test_set.images), torch.from_numpy(test_set.labels)
+    background = (0.0 - entry.normalize[0][0]) / entry.normalize[1][0]
+    model = entry.factory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps_per_epoch = len(x_train) // batch
+    total = epochs * steps_per_epoch
+    warmup = steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    )
+    started = time.time()
+    first_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        # Resume an interrupted run exactly: model, optimiser, schedule and shuffling state.
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first_epoch = state["epoch"]
+        started -= state["seconds"]
+    accuracy = float("nan")
+    for epoch in range(first_epoch, epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            index = order[step * batch : (step + 1) * batch]
+            inputs = augment(x_train[index], background, generator)
+            loss = F.cross_entropy(model(inputs), y_train[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running += loss.item()
+        accuracy = evaluate(model, x_test, y_test)
+        if checkpoint is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "generator": generator.get_state(), "epoch": epoch + 1, "seconds": time.time() - started}
+            torch.save(state, checkpoint)
+        print(f"{name} epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.4f} test {accuracy:.4f} ({time.time() - started:.0f}s)", flush=True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(state, entry.weights_path)
+    digest = hashlib.sha256(entry.weights_path.read_bytes()).hexdigest()
+    return {
+        "test_accuracy": round(accuracy, 4),
+        "test_images": len(x_test),
+        "epochs": epochs,
+        "seed": seed,
+        "batch": batch,
+        "lr": lr,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+        "sha256": digest,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(ZOO))
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; use 1 when several jobs share the cores")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="save per-epoch state here and resume from it")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models.split(","):
+        if name not in ZOO:
+            sys.exit(f"error: unknown zoo model {name!r}; valid: {', '.join(ZOO)}")
+        checkpoint = args.checkpoint_dir / f"{name}-{args.epochs}ep-seed{args.seed}.state" if args.checkpoint_dir else None
+        record = train(name, args.data, args.epochs, args.seed, args.batch, args.lr, checkpoint)
+        path = ZOO_DIR / "zoo.json"
+        metadata = json.loads(path.read_text()) if path.is_file() else {}
+        metadata[name] = record
+        path.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        print(f"{name}: test accuracy {record['test_accuracy']:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
