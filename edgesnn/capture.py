@@ -48,8 +48,9 @@ class _Alias:
 class _Context:
     """State shared by translators while one exported graph is walked."""
 
-    def __init__(self, exported: torch.export.ExportedProgram):
+    def __init__(self, exported: torch.export.ExportedProgram, batch: int):
         self.exported = exported
+        self.batch = batch  # batch size of the traced example
         self.values: dict[str, Any] = {}  # fx node name -> node name (str), constant tensor, or tuple
         self.nodes: list[Node] = []
         self.used_names: set[str] = set()
@@ -82,8 +83,8 @@ class _Context:
         value = fx_node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             raise self.error(fx_node, "produces no single tensor")
-        if value.dim() == 0 or value.shape[0] != EXAMPLE_BATCH:
-            raise self.error(fx_node, f"mixes samples of the batch (output shape {tuple(value.shape)} for a batch of {EXAMPLE_BATCH})")
+        if value.dim() == 0 or value.shape[0] != self.batch:
+            raise self.error(fx_node, f"mixes samples of the batch (output shape {tuple(value.shape)} for a batch of {self.batch})")
         return tuple(int(s) for s in value.shape[1:])
 
     def input_shape(self, fx_node: torch.fx.Node, position: int = 0) -> tuple[int, ...]:
@@ -91,9 +92,11 @@ class _Context:
 
     # -- building -----------------------------------------------------------
 
-    def add(self, fx_node: torch.fx.Node, op: str, inputs: tuple[str, ...], attrs: dict | None = None, params: dict | None = None) -> str:
+    def add(self, fx_node: torch.fx.Node, op: str, inputs: tuple[str, ...], attrs: dict | None = None, params: dict | None = None, output: int | None = None) -> str:
+        """Append a node; ``output`` picks the element of an op that returns a tuple."""
+        shape = self.shape(fx_node) if output is None else tuple(int(s) for s in fx_node.meta["val"][output].shape[1:])
         name = self._name(fx_node, op)
-        self.nodes.append(Node(name, op, inputs, attrs or {}, {k: v for k, v in (params or {}).items() if v is not None}, self.shape(fx_node), source_of(fx_node)))
+        self.nodes.append(Node(name, op, inputs, attrs or {}, {k: v for k, v in (params or {}).items() if v is not None}, shape, source_of(fx_node)))
         return name
 
     def _name(self, fx_node: torch.fx.Node, op: str) -> str:
@@ -244,10 +247,9 @@ def _batchnorm(ctx: _Context, n: torch.fx.Node) -> str:
         raise ctx.error(n, "BatchNorm without running statistics (track_running_stats=False) is not supported")
     if len(ctx.input_shape(n)) not in (1, 3):
         raise ctx.error(n, f"BatchNorm over features of shape {ctx.input_shape(n)} is not supported")
-    name = ctx.add(n, "batchnorm", (x,), {"eps": float(eps)}, params)
-    if n.target is not torch.ops.aten.batch_norm.default:
-        return (name, None, None)  # type: ignore[return-value]  # the op returns a tuple
-    return name
+    if n.target is torch.ops.aten.batch_norm.default:
+        return ctx.add(n, "batchnorm", (x,), {"eps": float(eps)}, params)
+    return (ctx.add(n, "batchnorm", (x,), {"eps": float(eps)}, params, output=0), None, None)  # type: ignore[return-value]
 
 
 def _relu(ctx: _Context, n: torch.fx.Node) -> str:
@@ -303,16 +305,8 @@ def _maxpool(ctx: _Context, n: torch.fx.Node) -> Any:
         "ceil_mode": bool(_arg(n, 5, "ceil_mode", False)),
     }
     if n.target is torch.ops.aten.max_pool2d_with_indices.default:
-        return (_add_with_shape(ctx, n, "maxpool", attrs, index=0), None)
+        return (ctx.add(n, "maxpool", (ctx.tensor_input(n),), attrs, output=0), None)
     return ctx.add(n, "maxpool", (ctx.tensor_input(n),), attrs)
-
-
-def _add_with_shape(ctx: _Context, n: torch.fx.Node, op: str, attrs: dict, index: int) -> str:
-    """Add a node for an op that returns a tuple, taking the shape of element ``index``."""
-    value = n.meta["val"][index]
-    name = ctx._name(n, op)
-    ctx.nodes.append(Node(name, op, (ctx.tensor_input(n),), attrs, {}, tuple(int(s) for s in value.shape[1:]), source_of(n)))
-    return name
 
 
 def _adaptive_avgpool(ctx: _Context, n: torch.fx.Node) -> str:
@@ -409,6 +403,8 @@ def _identity(ctx: _Context, n: torch.fx.Node) -> Any:
 def _getitem(ctx: _Context, n: torch.fx.Node) -> Any:
     container = ctx.value(n.args[0])
     index = n.args[1]
+    if isinstance(container, tuple) and index != 0 and not n.users:
+        return None  # an unused secondary output (BatchNorm's saved statistics, pooling indices)
     if not isinstance(container, tuple) or index != 0:
         raise ctx.error(n, f"only the first output of a multi-output op can be used (found index {index})")
     return _Alias(container[0]) if isinstance(container[0], str) else container[0]
@@ -460,20 +456,31 @@ def supported_ops() -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def export_model(module: nn.Module, input_shape: tuple[int, int, int], seed: int = 0) -> torch.export.ExportedProgram:
+def static_batch(module: nn.Module) -> int | None:
+    """The only batch size a module accepts, when it is an already exported program."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    for node in module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and isinstance(value.shape[0], int):
+            return int(value.shape[0])
+    return None
+
+
+def export_model(module: nn.Module, input_shape: tuple[int, int, int], seed: int = 0, batch: int = EXAMPLE_BATCH) -> torch.export.ExportedProgram:
     """``torch.export`` the module on a random example, as a one-line CaptureError on failure."""
-    example = torch.randn(EXAMPLE_BATCH, *input_shape, generator=torch.Generator().manual_seed(seed))
+    example = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
     try:
         with torch.no_grad():
             return torch.export.export(module, (example,), strict=False)
     except Exception as error:  # torch.export raises many unrelated types
         first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise CaptureError(f"torch.export could not trace the model on input {(EXAMPLE_BATCH, *input_shape)}: {type(error).__name__}: {first[:300]}") from None
+        raise CaptureError(f"torch.export could not trace the model on input {(batch, *input_shape)}: {type(error).__name__}: {first[:300]}") from None
 
 
-def graph_from_export(exported: torch.export.ExportedProgram) -> Graph:
+def graph_from_export(exported: torch.export.ExportedProgram, batch: int = EXAMPLE_BATCH) -> Graph:
     """Walk an exported program and build the graph, failing on the first unsupported op."""
-    ctx = _Context(exported)
+    ctx = _Context(exported, batch)
     signature = exported.graph_signature
     sources: dict[str, Any] = {}
     for spec in signature.input_specs:
@@ -542,15 +549,15 @@ def _prune(graph: Graph) -> Graph:
     return Graph([n for n in graph.nodes if n.name in needed or n.op == "input"], graph.output)
 
 
-def check_equivalence(module: nn.Module, graph: Graph, input_shape: tuple[int, int, int], config: CaptureConfig) -> float:
+def check_equivalence(module: nn.Module, graph: Graph, input_shape: tuple[int, int, int], config: CaptureConfig, batch: int = CHECK_BATCH) -> float:
     """Max |graph − model| on random inputs, scaled by 1 + max |model output|; error above tolerance."""
     generator = torch.Generator().manual_seed(config.seed + 1)
-    x = torch.randn(CHECK_BATCH, *input_shape, generator=generator)
+    x = torch.randn(batch, *input_shape, generator=generator)
     with torch.no_grad():
         try:
             expected = module(x)
         except Exception as error:
-            raise CaptureError(f"the model fails on a batch of {CHECK_BATCH} inputs of shape {input_shape}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
+            raise CaptureError(f"the model fails on a batch of {batch} inputs of shape {input_shape}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from None
         found = GraphNetwork(graph).eval()(x)
     if not isinstance(expected, torch.Tensor) or expected.shape != found.shape:
         raise CaptureError(f"the captured graph gives output shape {tuple(found.shape)} but the model gives {getattr(expected, 'shape', type(expected).__name__)}")
@@ -563,16 +570,26 @@ def check_equivalence(module: nn.Module, graph: Graph, input_shape: tuple[int, i
     return difference
 
 
+def _eval_mode(module: nn.Module) -> nn.Module:
+    try:
+        return module.eval()
+    except NotImplementedError:  # ExportedProgram.module() is already in inference form
+        return module
+
+
 def capture(loaded: LoadedModel, config: CaptureConfig = CaptureConfig()) -> Teacher:
     """Trace ``loaded.module`` into a checked ``Graph`` and wrap it as the Teacher."""
     if loaded.input_shape is None:
         raise CaptureError(f"{loaded.source}: the input shape could not be inferred; pass --input-shape C,H,W")
-    module = loaded.module.eval()
-    exported = export_model(module, loaded.input_shape, config.seed)
-    graph = graph_from_export(exported)
+    module = _eval_mode(loaded.module)
+    fixed = static_batch(module)
+    exported = export_model(module, loaded.input_shape, config.seed, fixed or EXAMPLE_BATCH)
+    graph = graph_from_export(exported, fixed or EXAMPLE_BATCH)
     if not graph.neurons():
         raise CaptureError(f"{loaded.source}: the model has no ReLU, so there is nothing to turn into spiking neurons")
-    check_equivalence(module, graph, loaded.input_shape, config)
+    # A different batch size than the trace catches sizes baked into views; an
+    # exported program accepts only its own batch size, so it is checked at that.
+    check_equivalence(module, graph, loaded.input_shape, config, fixed or CHECK_BATCH)
     output_shape = graph[graph.output].shape
     if len(output_shape) != 1:
         raise CaptureError(f"{loaded.source}: the model's output has shape {output_shape} per sample; expected a vector of class logits")

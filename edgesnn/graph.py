@@ -318,6 +318,7 @@ class GraphNetwork(nn.Module):
         for index, node in enumerate(graph.nodes):
             for name in node.inputs:
                 last_use[name] = index
+        self.eval()  # a captured network runs with its BatchNorm running statistics
         self._release = [sorted({name for name in node.inputs if last_use[name] == index and name != graph.output}) for index, node in enumerate(graph.nodes)]
 
     def layer(self, name: str) -> nn.Module:
@@ -329,7 +330,8 @@ class GraphNetwork(nn.Module):
             if node.op == "input":
                 result = x
             elif node.op == "add":
-                result = torch.stack(_broadcast_time([values[i] for i in node.inputs])).sum(0)
+                left, right = _broadcast_time([values[i] for i in node.inputs])
+                result = left + right
             elif node.op == "cat":
                 result = torch.cat(_broadcast_time([values[i] for i in node.inputs]), dim=node.attrs["dim"])
             else:
