@@ -143,7 +143,8 @@ SYNTH_BATCH = typer.Option(None, "--synth-batch", min=1, help="Images optimised 
 TIMESTEPS_T = typer.Option(32, "--timesteps", min=1, help="Default number of SNN timesteps T.")
 THRESHOLD_MODE = typer.Option("percentile", "--threshold-mode", help=f"Threshold calibration: {' or '.join(THRESHOLD_MODES)}.")
 PERCENTILE = typer.Option(99.9, "--percentile", help="Percentile of positive activations used as threshold (mode percentile).")
-PER_CHANNEL = typer.Option(False, "--per-channel", help="One threshold per channel instead of per layer.")
+PER_CHANNEL = typer.Option(True, "--per-channel/--per-layer", help="One threshold per channel, or one per layer.")
+BIAS_CORRECTION = typer.Option(True, "--bias-correction/--no-bias-correction", help="Shift biases layer by layer so the SNN's mean outputs match the ANN's at T=--timesteps (on synthetic images).")
 INITIAL_MEMBRANE = typer.Option(0.5, "--initial-membrane", help="Initial membrane potential as a fraction of the threshold.")
 DATA_HELP = "Real labelled images: an IDX folder (MNIST layout, .gz or not), an .npz with x and y, a CIFAR-10 batches folder, or 'packaged' (2,000 Fashion-MNIST test images shipped with edgesnn)."
 NORMALIZE = typer.Option(None, "--normalize", help="MEAN:STD per channel applied to pixels in [0,1], e.g. 0.485,0.456,0.406:0.229,0.224,0.225 (default: the model's own, if known).")
@@ -151,8 +152,10 @@ LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N images."
 SPLIT = typer.Option("test", "--split", help="Split of an IDX/CIFAR folder: test or train.")
 
 
-def _convert_config(timesteps: int, threshold_mode: str, percentile: float, per_channel: bool, initial_membrane: float, seed: int) -> ConvertConfig:
-    return ConvertConfig(timesteps=timesteps, threshold_mode=threshold_mode, percentile=percentile, per_channel=per_channel, initial_membrane=initial_membrane, seed=seed)
+def _convert_config(timesteps: int, threshold_mode: str, percentile: float, per_channel: bool, bias_correction: bool, initial_membrane: float, seed: int) -> ConvertConfig:
+    return ConvertConfig(
+        timesteps=timesteps, threshold_mode=threshold_mode, percentile=percentile, per_channel=per_channel, bias_correction=bias_correction, initial_membrane=initial_membrane, seed=seed
+    )
 
 
 def _render_report(report) -> None:
@@ -238,6 +241,7 @@ def convert_command(
     threshold_mode: str = THRESHOLD_MODE,
     percentile: float = PERCENTILE,
     per_channel: bool = PER_CHANNEL,
+    bias_correction: bool = BIAS_CORRECTION,
     initial_membrane: float = INITIAL_MEMBRANE,
     seed: int = SEED,
     arch: Optional[str] = ARCH,
@@ -254,7 +258,7 @@ def convert_command(
     if source is None:
         raise PipelineError("no synthetic images: pass --synthetic path/to/synthetic.npz (made by `edgesnn synth`)")
     images = read_synthetic_source(source)
-    config = _convert_config(timesteps, threshold_mode, percentile, per_channel, initial_membrane, seed)
+    config = _convert_config(timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed)
     with _Bars() as bars:
         snn = convert_to(teacher, images, config, out, bars)
     document = {"out": str(out), "timesteps": snn.timesteps, **snn.metrics}
@@ -315,6 +319,7 @@ def build_command(
     threshold_mode: str = THRESHOLD_MODE,
     percentile: float = PERCENTILE,
     per_channel: bool = PER_CHANNEL,
+    bias_correction: bool = BIAS_CORRECTION,
     initial_membrane: float = INITIAL_MEMBRANE,
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="After the build, measure accuracy on real images. " + DATA_HELP),
     eval_normalize: Optional[str] = typer.Option(None, "--eval-normalize", help="MEAN:STD for --eval-data (default: the model's own, if known)."),
@@ -338,7 +343,7 @@ def build_command(
         model=model,
         load=_load_config(arch, input_shape, trust_pickle),
         synth=_synth_config(count, method, iterations, synth_batch, seed),
-        convert=_convert_config(timesteps, threshold_mode, percentile, per_channel, initial_membrane, seed),
+        convert=_convert_config(timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
         seed=seed,
     )

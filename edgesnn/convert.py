@@ -29,7 +29,7 @@ from torch import nn
 
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import ConvertError
-from .graph import Graph, GraphNetwork, fold_batchnorm, module_key
+from .graph import Graph, GraphNetwork, Node, fold_batchnorm, module_key
 
 THRESHOLD_MODES = ("max", "percentile")
 SAMPLES_PER_BATCH = 262_144  # activations kept per layer and batch for percentile estimates
@@ -42,9 +42,11 @@ class ConvertConfig:
     timesteps: int = 32  # default T for inference
     threshold_mode: str = "percentile"  # "max" or "percentile" of the ReLU outputs
     percentile: float = 99.9  # used by mode "percentile": of the positive activations
-    per_channel: bool = False  # one threshold per channel instead of per layer
+    per_channel: bool = True  # one threshold per channel (False: one per layer)
     initial_membrane: float = 0.5  # v(0) as a fraction of θ
     calibration_images: int = 0  # synthetic images used for calibration; 0 means all
+    bias_correction: bool = True  # shift biases so each layer's mean SNN output matches the ANN's at T = timesteps
+    bias_correction_images: int = 256  # synthetic images used by the bias correction
     batch_size: int = 256  # calibration batch size
     seed: int = 0  # seed of the activation subsampling
 
@@ -117,7 +119,7 @@ def _check(config: ConvertConfig) -> None:
         raise ConvertError(f"timesteps {config.timesteps} must be at least 1")
     if not 0 <= config.initial_membrane < 1:
         raise ConvertError(f"initial membrane {config.initial_membrane} must be in [0, 1) of the threshold")
-    if config.batch_size < 1 or config.calibration_images < 0:
+    if config.batch_size < 1 or config.calibration_images < 0 or config.bias_correction_images < 1:
         raise ConvertError("batch size must be ≥ 1 and calibration images ≥ 0")
 
 
@@ -186,6 +188,75 @@ def calibrate_thresholds(graph: Graph, images: torch.Tensor, config: ConvertConf
     return thresholds
 
 
+def _bias_owner(graph: Graph, neuron: Node) -> Node | None:
+    """The node whose bias sets the neuron's input current: the conv/linear feeding it, or one branch of an add."""
+    source = graph[neuron.inputs[0]]
+    candidates = [source] if source.op != "add" else [graph[name] for name in source.inputs]
+    for candidate in candidates:
+        if candidate.op in ("conv", "linear") or (candidate.op == "batchnorm" and "bias" in candidate.params):
+            return candidate
+    return None
+
+
+def _channel_means(name: str, store: dict[str, torch.Tensor], steps: int = 1, ceiling: torch.Tensor | None = None):
+    """A forward hook that accumulates per-channel sums of a layer's output (averaged over T)."""
+
+    def hook(module, inputs, output):
+        values = output.detach()
+        if ceiling is not None:
+            theta = ceiling.reshape(-1, *([1] * (values.dim() - 2))) if ceiling.dim() == 1 and values.dim() > 2 else ceiling
+            values = torch.minimum(values, theta)
+        values = values.reshape(steps, -1, *values.shape[1:]).mean(0)
+        # Sum over samples of each channel's spatial mean.
+        spatial = values[0, 0].numel()
+        store[name] = store.get(name, 0) + values.sum(dim=[0] + list(range(2, values.dim()))) / spatial
+
+    return hook
+
+
+def correct_biases(graph: Graph, thresholds: dict[str, torch.Tensor], initial_membrane: float, images: torch.Tensor, timesteps: int, batch_size: int, progress: Progress = no_progress) -> tuple[Graph, dict[str, float]]:
+    """Bias correction (Li et al., 2021), layer by layer in topological order.
+
+    For neuron l with input-current bias b (per channel c):
+    b_c ← b_c + E[min(a_c, θ)] − E[r_c·θ], where a is the ANN's ReLU output and r
+    the SNN's firing rate over T steps on the same images, given the
+    corrections already applied to the layers before l. The mean error that
+    rate coding adds at each layer is removed instead of passed on.
+    Returns the corrected graph and the mean |shift| per neuron.
+    """
+    graph = graph.copy()
+    neurons = graph.neurons()
+    ann_means: dict[str, torch.Tensor] = {}
+    network = GraphNetwork(graph)
+    handles = [network.layer(n.name).register_forward_hook(_channel_means(n.name, ann_means, 1, thresholds[n.name])) for n in neurons]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            network(images[start : start + batch_size])
+    for handle in handles:
+        handle.remove()
+    shifts: dict[str, float] = {}
+    simulation_batch = max(1, min(batch_size, 8192 // timesteps))
+    for index, neuron in enumerate(neurons):
+        owner = _bias_owner(graph, neuron)
+        if owner is None:
+            continue
+        model = SpikingModel(graph, thresholds, initial_membrane, timesteps, (0, 0, 0), 0, None)
+        simulator = SpikingNetwork(model)
+        snn_means: dict[str, torch.Tensor] = {}
+        handle = simulator.network.layer(neuron.name).register_forward_hook(_channel_means(neuron.name, snn_means, timesteps))
+        with torch.no_grad():
+            for start in range(0, len(images), simulation_batch):
+                simulator(images[start : start + simulation_batch], timesteps)
+        handle.remove()
+        delta = (ann_means[neuron.name] - snn_means[neuron.name]) / len(images)
+        reference = owner.params["weight"] if "weight" in owner.params else owner.params["bias"]
+        bias = owner.params.get("bias", torch.zeros(reference.shape[0]))
+        owner.params["bias"] = bias + delta
+        shifts[neuron.name] = round(float(delta.abs().mean()), 6)
+        progress("bias corr.", index + 1, len(neurons))
+    return graph, shifts
+
+
 def convert(teacher: Teacher, synthetic: SyntheticSet, config: ConvertConfig = ConvertConfig(), progress: Progress = no_progress) -> SpikingModel:
     """Fold BatchNorm, calibrate IF thresholds on the synthetic images, return the SNN."""
     _check(config)
@@ -199,11 +270,15 @@ def convert(teacher: Teacher, synthetic: SyntheticSet, config: ConvertConfig = C
     started = time.perf_counter()
     graph = fold_batchnorm(teacher.graph)
     thresholds = calibrate_thresholds(graph, images, config, progress)
+    shifts: dict[str, float] = {}
+    if config.bias_correction:
+        graph, shifts = correct_biases(graph, thresholds, config.initial_membrane, images[: config.bias_correction_images], config.timesteps, config.batch_size, progress)
     metrics = {
         "calibration_images": len(images),
         "seconds": round(time.perf_counter() - started, 3),
         "neurons": len(thresholds),
         "threshold_mean": {name: round(float(theta.mean()), 5) for name, theta in thresholds.items()},
+        "bias_shift_mean": shifts,
     }
     return SpikingModel(graph, thresholds, config.initial_membrane, config.timesteps, teacher.input_shape, teacher.num_classes, teacher.normalize, asdict(config), metrics)
 

@@ -17,7 +17,7 @@ from .datasets import LabelledImages
 from .errors import DataError
 from .graph import GraphNetwork
 
-SAMPLES_PER_CALL = 8192  # T·B samples per simulation call: bounds memory at large T
+SAMPLES_PER_CALL = 4096  # T·B samples per simulation call: bounds memory at large T
 
 
 def check_images(data: LabelledImages, input_shape: tuple[int, int, int], num_classes: int) -> None:
