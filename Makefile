@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m edgesnn build --out $(DEMO_OUT) --force --eval-data packaged --timesteps 1,2,4,8,16,32,64
+	$(PY) -m edgesnn build --out $(DEMO_OUT) --eval-data packaged
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -331,8 +331,9 @@ class _Run:
 def _model_digest(spec: str, config: LoadConfig) -> str:
     """sha256 that changes when the model or its architecture file changes."""
     parts = [spec]
-    if spec in ZOO:
-        weights = ZOO[spec].weights_path
+    name = spec.removeprefix("zoo:")
+    if name in ZOO:
+        weights = ZOO[name].weights_path
         parts.append(sha256_file(weights) if weights.is_file() else "untrained")
     elif Path(spec).is_file():
         parts.append(sha256_file(Path(spec)))
