@@ -33,6 +33,7 @@ from .graph import Graph, GraphNetwork, Node, fold_batchnorm, module_key
 
 THRESHOLD_MODES = ("max", "percentile")
 SAMPLES_PER_BATCH = 262_144  # activations kept per layer and batch for percentile estimates
+SAMPLES_PER_SIMULATION = 4096  # T·B samples per simulation call of the bias correction: bounds memory
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def correct_biases(graph: Graph, thresholds: dict[str, torch.Tensor], initial_me
     for handle in handles:
         handle.remove()
     shifts: dict[str, float] = {}
-    simulation_batch = max(1, min(batch_size, 8192 // timesteps))
+    simulation_batch = max(1, min(batch_size, SAMPLES_PER_SIMULATION // timesteps))
     for index, neuron in enumerate(neurons):
         owner = _bias_owner(graph, neuron)
         if owner is None:
