@@ -1,0 +1,157 @@
+"""The synth stage: data-free images from the teacher alone.
+
+    synthesize(teacher, SynthConfig()) -> SyntheticSet
+
+DeepInversion (:mod:`.deepinversion`) for teachers with BatchNorm, Data
+Impression (:mod:`.data_impression`) for teachers without; quality figures from
+:mod:`.quality`; a PNG preview grid from :func:`preview_png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgesnn.artifacts import Progress, SyntheticSet, no_progress
+from edgesnn.errors import SynthError
+
+from . import data_impression, deepinversion
+from .deepinversion import class_balanced_labels, frozen
+from .png import encode_png, preview_png
+from .quality import batchnorm_layers, last_linear, measure
+
+__all__ = ["METHODS", "SynthConfig", "encode_png", "preview_png", "synthesize"]
+
+METHODS = ("auto", "deepinversion", "data_impression")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """How to synthesise images; the defaults are tuned on the zoo teachers (2-core CPU)."""
+
+    count: int = 2048  # images in all, class-balanced (spread evenly, the remainder to the first classes)
+    method: str = "auto"  # "auto" (DeepInversion if the teacher has BatchNorm, else Data Impression), "deepinversion", "data_impression"
+    batch_size: int = 128  # images optimised together; BN statistics are matched over this batch
+    iterations: int = 64  # most teacher evaluations (Adam steps) per image
+    min_iterations: int = 32  # fewest per image before it may stop early (confident images then leave the batch)
+    lr: float = 0.2  # Adam learning rate at the start of each image's cosine schedule (normalised input space)
+    seed: int = 0  # seeds noise, jitter, flips and soft targets: same seed and config, same images
+    bn_weight: float = 1.0  # a_bn, weight of the BN statistics term (DeepInversion)
+    first_bn_multiplier: float = 10.0  # m_l of the first BN layer in forward order (others 1)
+    bn_relative: bool = True  # divide each layer's mean error by ‖σ_l‖ and variance error by ‖σ²_l‖, so small-scale layers count too
+    tv_weight: float = 1e-2  # a_tv, weight of the total variation prior (mean squared neighbour difference)
+    l2_weight: float = 0.0  # a_l2, weight of the mean squared pixel value prior
+    jitter: int = 2  # random roll of up to this many pixels each step
+    flip: bool = True  # random horizontal flip each step
+    warm_start_scale: int = 2  # an image starts as an (H/scale)×(W/scale) tensor upsampled bilinearly; 1 disables
+    warm_start_fraction: float = 0.25  # share of ``iterations`` spent at low resolution
+    stop_confidence: float = 0.9  # DeepInversion: an image stops once the teacher gives its class this probability
+    dirichlet_betas: tuple[float, ...] = (1.0, 0.1)  # Data Impression: Dirichlet scales β, the images split evenly among them
+    temperature: float = 20.0  # Data Impression: softmax temperature τ of the soft-target cross-entropy
+    similarity_epsilon: float = 0.01  # Data Impression: ε added to the normalised class similarities
+
+
+def _check_config(config: SynthConfig) -> None:
+    """Raise SynthError (one line) for a configuration that cannot work."""
+    positive_integers = ("count", "batch_size", "iterations", "warm_start_scale")
+    for name in positive_integers:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SynthError(f"config {name}={value!r}: expected a positive integer")
+    if config.method not in METHODS:
+        raise SynthError(f"config method={config.method!r}: expected one of {', '.join(METHODS)}")
+    if not isinstance(config.min_iterations, int) or not 0 <= config.min_iterations <= config.iterations:
+        raise SynthError(f"config min_iterations={config.min_iterations!r}: expected an integer from 0 to iterations ({config.iterations})")
+    if not isinstance(config.jitter, int) or config.jitter < 0:
+        raise SynthError(f"config jitter={config.jitter!r}: expected a non-negative integer")
+    checks = {
+        "lr": config.lr > 0,
+        "bn_weight": config.bn_weight >= 0,
+        "first_bn_multiplier": config.first_bn_multiplier >= 0,
+        "tv_weight": config.tv_weight >= 0,
+        "l2_weight": config.l2_weight >= 0,
+        "warm_start_fraction": 0 <= config.warm_start_fraction < 1,
+        "stop_confidence": 0 < config.stop_confidence <= 1,
+        "temperature": config.temperature > 0,
+        "similarity_epsilon": config.similarity_epsilon > 0,
+    }
+    expected = {
+        "lr": "> 0",
+        "warm_start_fraction": "in [0, 1)",
+        "stop_confidence": "in (0, 1]",
+        "temperature": "> 0",
+        "similarity_epsilon": "> 0",
+    }
+    for name, ok in checks.items():
+        value = getattr(config, name)
+        if not ok or not math.isfinite(value):
+            raise SynthError(f"config {name}={value!r}: expected a finite number {expected.get(name, '>= 0')}")
+    if not config.dirichlet_betas or not all(b > 0 and math.isfinite(b) for b in config.dirichlet_betas):
+        raise SynthError(f"config dirichlet_betas={config.dirichlet_betas!r}: expected one or more finite numbers > 0")
+
+
+def synthesize(teacher: Any, config: SynthConfig = SynthConfig(), progress: Progress = no_progress) -> SyntheticSet:
+    """Synthesise ``config.count`` class-balanced images from the teacher alone.
+
+    Uses ``teacher.network`` (eval-mode module; BatchNorm layers with running
+    statistics), ``teacher.input_shape``, ``teacher.num_classes`` and
+    ``teacher.normalize`` (images are clipped to valid pixels when it is known).
+    Metrics: target_agreement, bn_error (DeepInversion only), diversity
+    (penultimate-feature cosine distance within a class), images_per_second,
+    seconds, iterations_mean.
+    """
+    _check_config(config)
+    started = time.perf_counter()
+    network = teacher.network
+    input_shape = tuple(int(v) for v in teacher.input_shape)
+    num_classes = int(teacher.num_classes)
+    if len(input_shape) != 3 or min(input_shape) <= 0:
+        raise SynthError(f"teacher input_shape={teacher.input_shape!r}: expected C,H,W")
+    if num_classes < 1:
+        raise SynthError(f"teacher num_classes={num_classes}: expected at least one class")
+    has_batchnorm = bool(batchnorm_layers(network))
+    method = config.method if config.method != "auto" else ("deepinversion" if has_batchnorm else "data_impression")
+    if method == "deepinversion" and not has_batchnorm:
+        raise SynthError("method deepinversion: the teacher has no BatchNorm layer with running statistics; use data_impression")
+    classifier = last_linear(network)
+    if method == "data_impression":
+        if classifier is None:
+            raise SynthError("method data_impression: the teacher has no nn.Linear layer to take class similarities from")
+        if classifier.out_features != num_classes:
+            raise SynthError(
+                f"method data_impression: the last nn.Linear has {classifier.out_features} outputs, expected {num_classes} (one per class)"
+            )
+
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = class_balanced_labels(config.count, num_classes).to(device)
+    progress("synth", 0, config.count)
+    with frozen(network):
+        if method == "deepinversion":
+            result = deepinversion.synthesize_images(network, labels, input_shape, teacher.normalize, config, generator, progress)
+        else:
+            result = data_impression.synthesize_images(network, classifier, labels, input_shape, teacher.normalize, config, generator, progress)
+        quality = measure(network, result.images, labels)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "target_agreement": quality.target_agreement,
+        "diversity": quality.diversity,
+        "images_per_second": config.count / seconds,
+        "seconds": seconds,
+        "iterations_mean": float(result.iterations.float().mean()),
+    }
+    if quality.bn_error is not None:
+        metrics["bn_error"] = quality.bn_error
+    return SyntheticSet(
+        images=result.images.detach().float().cpu(),
+        labels=labels.cpu(),
+        teacher_logits=quality.logits,
+        method=method,
+        metrics=metrics,
+        config=dataclasses.asdict(config),
+    )
