@@ -118,7 +118,8 @@ def _synth_config(count: int, method: str, iterations: Optional[int], batch_size
 
     config = SynthConfig(count=count, method=method, seed=seed)
     if iterations is not None:
-        config = dataclasses.replace(config, iterations=iterations)
+        # A smaller budget also lowers the floor before early stopping.
+        config = dataclasses.replace(config, iterations=iterations, min_iterations=min(config.min_iterations, iterations))
     if batch_size is not None:
         config = dataclasses.replace(config, batch_size=batch_size)
     return config

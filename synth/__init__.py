@@ -43,7 +43,6 @@ class SynthConfig:
     seed: int = 0  # seeds noise, jitter, flips and soft targets: same seed and config, same images
     bn_weight: float = 1.0  # a_bn, weight of the BN statistics term (DeepInversion)
     first_bn_multiplier: float = 10.0  # m_l of the first BN layer in forward order (others 1)
-    bn_relative: bool = True  # divide each layer's mean error by ‖σ_l‖ and variance error by ‖σ²_l‖, so small-scale layers count too
     tv_weight: float = 1e-2  # a_tv, weight of the total variation prior (mean squared neighbour difference)
     l2_weight: float = 0.0  # a_l2, weight of the mean squared pixel value prior
     jitter: int = 2  # random roll of up to this many pixels each step

@@ -111,16 +111,15 @@ class _BatchMoments(torch.autograd.Function):
 class BatchNormMatching:
     """Forward hooks that add up the BN statistics term of the DeepInversion loss.
 
-    After a forward pass, :meth:`take_loss` returns Σ_l m_l (e_μ,l + e_σ²,l) with
-    e_μ,l = ‖μ̂_l − μ_l‖₂ and e_σ²,l = ‖σ̂²_l − σ²_l‖₂ over the batch; with
-    ``relative`` they are divided by ‖σ_l‖₂ and ‖σ²_l‖₂, so that layers whose
-    activations are small (deep layers, shortcuts: running variances 100× below
-    the first layer's in the zoo) are matched as closely as the others.
+    After a forward pass, :meth:`take_loss` returns
+    Σ_l m_l (‖μ̂_l − μ_l‖₂ + ‖σ̂²_l − σ²_l‖₂) over the batch. The norms are absolute,
+    as published: dividing them by ‖σ_l‖ and ‖σ²_l‖ (so that small-scale layers
+    count as much as the first) lowered the relative BN error of deep layers but
+    calibrated the SNN worse on the zoo ResNet (T=16: 81.8% against 86.6%).
     """
 
-    def __init__(self, network: nn.Module, first_multiplier: float, relative: bool):
+    def __init__(self, network: nn.Module, first_multiplier: float):
         self.first_multiplier = first_multiplier
-        self.relative = relative
         self.first_layer: nn.Module | None = None  # found on the first forward pass
         self.terms: list[torch.Tensor] = []
         self._handles = [layer.register_forward_hook(self._hook) for layer in batchnorm_layers(network)]
@@ -131,9 +130,6 @@ class BatchNormMatching:
         mean, mean_square = _BatchMoments.apply(inputs[0])
         mean_error = torch.linalg.vector_norm(mean - module.running_mean)
         var_error = torch.linalg.vector_norm(mean_square - mean.square() - module.running_var)
-        if self.relative:
-            mean_error = mean_error / module.running_var.sqrt().norm().clamp_min(1e-12)
-            var_error = var_error / module.running_var.norm().clamp_min(1e-12)
         self.terms.append((mean_error + var_error) * (self.first_multiplier if module is self.first_layer else 1.0))
 
     def take_loss(self) -> torch.Tensor | float:
@@ -343,7 +339,7 @@ def synthesize_images(
     def finished(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return logits.softmax(1).gather(1, targets[:, None]).squeeze(1) >= config.stop_confidence
 
-    batchnorm = BatchNormMatching(network, config.first_bn_multiplier, config.bn_relative)
+    batchnorm = BatchNormMatching(network, config.first_bn_multiplier)
     try:
         return optimise_images(network, labels, input_shape, normalize, config, Objective(image_losses, finished), generator, progress, batchnorm)
     finally:

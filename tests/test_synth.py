@@ -38,18 +38,31 @@ def stand_in_teacher(network: nn.Module, normalize=NORMALIZE) -> types.SimpleNam
     return types.SimpleNamespace(network=network.eval(), input_shape=(1, 28, 28), num_classes=10, normalize=normalize)
 
 
+def _require_zoo_weights(name: str) -> None:
+    if not ZOO[name].weights_path.is_file():
+        pytest.skip(f"zoo weights {ZOO[name].weights_path} not trained yet (scripts/train_zoo.py)")
+
+
 @pytest.fixture(scope="module")
-def resnet_teacher() -> types.SimpleNamespace:
-    entry = ZOO["fmnist_resnet8"]
-    if not entry.weights_path.is_file():
-        pytest.skip(f"zoo weights {entry.weights_path} not trained yet (scripts/train_zoo.py)")
-    network = entry.factory()
-    network.load_state_dict(torch.load(entry.weights_path, weights_only=True))
+def zoo_resnet():
+    """The zoo ResNet-8 as the pipeline hands it to synth: loaded and captured."""
+    _require_zoo_weights("fmnist_resnet8")
+    from edgesnn.pipeline import load_teacher
+
+    return load_teacher("fmnist_resnet8")
+
+
+@pytest.fixture(scope="module")
+def zoo_resnet_module() -> types.SimpleNamespace:
+    """The same weights in the plain nn.Module, to check what synthesize leaves behind."""
+    _require_zoo_weights("fmnist_resnet8")
+    network = ZOO["fmnist_resnet8"].factory()
+    network.load_state_dict(torch.load(ZOO["fmnist_resnet8"].weights_path, weights_only=True))
     return stand_in_teacher(network)
 
 
 @pytest.fixture(scope="module")
-def real_images() -> tuple[torch.Tensor, torch.Tensor]:
+def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor]:
     if PACKAGED_SUBSET.is_file():
         data = load_labelled_images(PACKAGED_SUBSET, normalize=NORMALIZE)
     elif FASHION_MNIST.is_dir():
@@ -71,9 +84,9 @@ def no_batchnorm_cnn() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def no_batchnorm_teacher(real_images) -> types.SimpleNamespace:
+def no_batchnorm_teacher(fashion_mnist) -> types.SimpleNamespace:
     """A small CNN without BatchNorm, trained for a few hundred steps on real images."""
-    images, labels = real_images
+    images, labels = fashion_mnist
     torch.manual_seed(0)
     network = no_batchnorm_cnn()
     optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
@@ -88,27 +101,27 @@ def no_batchnorm_teacher(real_images) -> types.SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def deepinversion_set(resnet_teacher) -> SyntheticSet:
-    return synthesize(resnet_teacher, QUICK_DEEPINVERSION)
+def deepinversion_set(zoo_resnet) -> SyntheticSet:
+    return synthesize(zoo_resnet, QUICK_DEEPINVERSION)
 
 
-def test_deepinversion_images_are_classified_as_their_target(resnet_teacher, deepinversion_set):
+def test_deepinversion_images_are_classified_as_their_target(zoo_resnet, deepinversion_set):
     synthetic = deepinversion_set
     assert synthetic.method == "deepinversion"
     assert synthetic.images.shape == (40, 1, 28, 28) and synthetic.images.dtype == torch.float32
     assert synthetic.teacher_logits.shape == (40, 10)
     with torch.no_grad():
-        logits = resnet_teacher.network(synthetic.images)
+        logits = zoo_resnet.network(synthetic.images)
     torch.testing.assert_close(logits, synthetic.teacher_logits, rtol=1e-4, atol=1e-4)
     agreement = (logits.argmax(1) == synthetic.labels).float().mean().item()
     assert agreement == pytest.approx(synthetic.metrics["target_agreement"])
     assert agreement >= 0.9
 
 
-def test_deepinversion_matches_batchnorm_statistics_better_than_noise(resnet_teacher, deepinversion_set):
+def test_deepinversion_matches_batchnorm_statistics_better_than_noise(zoo_resnet, deepinversion_set):
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn((256, 1, 28, 28), generator=generator)
-    noise_error = measure(resnet_teacher.network, noise, torch.zeros(256, dtype=torch.long)).bn_error
+    noise_error = measure(zoo_resnet.network, noise, torch.zeros(256, dtype=torch.long)).bn_error
     assert deepinversion_set.metrics["bn_error"] < 0.5 * noise_error
 
 
@@ -134,34 +147,34 @@ def test_class_balance():
     assert torch.bincount(class_balanced_labels(5, 10), minlength=10).tolist() == [1] * 5 + [0] * 5
 
 
-def test_synthesized_labels_are_class_balanced(resnet_teacher):
-    synthetic = synthesize(resnet_teacher, dataclasses.replace(TINY, count=23, batch_size=8))
+def test_synthesized_labels_are_class_balanced(zoo_resnet):
+    synthetic = synthesize(zoo_resnet, dataclasses.replace(TINY, count=23, batch_size=8))
     assert torch.bincount(synthetic.labels, minlength=10).tolist() == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
     assert len(synthetic.images) == 23
 
 
-def test_same_seed_same_images(resnet_teacher):
-    first = synthesize(resnet_teacher, TINY)
-    second = synthesize(resnet_teacher, TINY)
+def test_same_seed_same_images(zoo_resnet):
+    first = synthesize(zoo_resnet, TINY)
+    second = synthesize(zoo_resnet, TINY)
     assert torch.equal(first.images, second.images)
     assert torch.equal(first.labels, second.labels)
     assert torch.equal(first.teacher_logits, second.teacher_logits)
-    other = synthesize(resnet_teacher, dataclasses.replace(TINY, seed=1))
+    other = synthesize(zoo_resnet, dataclasses.replace(TINY, seed=1))
     assert not torch.equal(first.images, other.images)
 
 
-def test_teacher_is_left_as_it_was(resnet_teacher):
-    network = resnet_teacher.network
+def test_teacher_is_left_as_it_was(zoo_resnet_module):
+    network = zoo_resnet_module.network
     before = {name: value.clone() for name, value in network.state_dict().items()}
-    synthesize(resnet_teacher, TINY)
+    synthesize(zoo_resnet_module, TINY)
     assert not network.training
-    assert all(p.requires_grad for p in network.parameters())
+    assert all(p.requires_grad and p.is_contiguous() for p in network.parameters())
     assert all(torch.equal(before[name], value) for name, value in network.state_dict().items())
 
 
-def test_progress_reports_every_image(resnet_teacher):
+def test_progress_reports_every_image(zoo_resnet):
     calls = []
-    synthesize(resnet_teacher, TINY, progress=lambda task, done, total: calls.append((task, done, total)))
+    synthesize(zoo_resnet, TINY, progress=lambda task, done, total: calls.append((task, done, total)))
     assert calls[0] == ("synth", 0, 20) and calls[-1] == ("synth", 20, 20)
     assert [done for _, done, _ in calls] == sorted(done for _, done, _ in calls)
 
