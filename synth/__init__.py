@@ -13,11 +13,9 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from edgesnn.artifacts import Progress, SyntheticSet, no_progress
+from edgesnn.artifacts import Progress, SyntheticSet, Teacher, no_progress
 from edgesnn.errors import SynthError
 
 from . import data_impression, deepinversion
@@ -32,16 +30,16 @@ METHODS = ("auto", "deepinversion", "data_impression")
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """How to synthesise images; the defaults are tuned on the zoo teachers (2-core CPU)."""
+    """How to synthesise images; the defaults were tuned on the two zoo teachers on a 2-core CPU."""
 
     count: int = 2048  # images in all, class-balanced (spread evenly, the remainder to the first classes)
     method: str = "auto"  # "auto" (DeepInversion if the teacher has BatchNorm, else Data Impression), "deepinversion", "data_impression"
-    batch_size: int = 128  # images optimised together; BN statistics are matched over this batch
-    iterations: int = 64  # most teacher evaluations (Adam steps) per image
-    min_iterations: int = 32  # fewest per image before it may stop early (confident images then leave the batch)
+    batch_size: int = 128  # images optimised together, BN statistics matched over them (128: as fast per image as 256)
+    iterations: int = 64  # most teacher evaluations (Adam steps) an image gets
+    min_iterations: int = 32  # fewest before an image may stop: DeepInversion once confident, Data Impression once argmax is its class
     lr: float = 0.2  # Adam learning rate at the start of each image's cosine schedule (normalised input space)
-    seed: int = 0  # seeds noise, jitter, flips and soft targets: same seed and config, same images
-    bn_weight: float = 1.0  # a_bn, weight of the BN statistics term (DeepInversion)
+    seed: int = 0  # seeds noise, jitter, flips and soft targets: same seed and config, same images (same machine and threads)
+    bn_weight: float = 1.0  # a_bn, weight of the BN statistics term (DeepInversion); 2 halves the VGG's BN error but costs agreement on some teachers
     first_bn_multiplier: float = 10.0  # m_l of the first BN layer in forward order (others 1)
     tv_weight: float = 1e-2  # a_tv, weight of the total variation prior (mean squared neighbour difference)
     l2_weight: float = 0.0  # a_l2, weight of the mean squared pixel value prior
@@ -49,7 +47,7 @@ class SynthConfig:
     flip: bool = True  # random horizontal flip each step
     warm_start_scale: int = 2  # an image starts as an (H/scale)×(W/scale) tensor upsampled bilinearly; 1 disables
     warm_start_fraction: float = 0.25  # share of ``iterations`` spent at low resolution
-    stop_confidence: float = 0.9  # DeepInversion: an image stops once the teacher gives its class this probability
+    stop_confidence: float = 0.9  # DeepInversion: an image may stop once the teacher gives its class this probability
     dirichlet_betas: tuple[float, ...] = (1.0, 0.1)  # Data Impression: Dirichlet scales β, the images split evenly among them
     temperature: float = 20.0  # Data Impression: softmax temperature τ of the soft-target cross-entropy
     similarity_epsilon: float = 0.01  # Data Impression: ε added to the normalised class similarities
@@ -94,15 +92,16 @@ def _check_config(config: SynthConfig) -> None:
         raise SynthError(f"config dirichlet_betas={config.dirichlet_betas!r}: expected one or more finite numbers > 0")
 
 
-def synthesize(teacher: Any, config: SynthConfig = SynthConfig(), progress: Progress = no_progress) -> SyntheticSet:
+def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: Progress = no_progress) -> SyntheticSet:
     """Synthesise ``config.count`` class-balanced images from the teacher alone.
 
     Uses ``teacher.network`` (eval-mode module; BatchNorm layers with running
     statistics), ``teacher.input_shape``, ``teacher.num_classes`` and
     ``teacher.normalize`` (images are clipped to valid pixels when it is known).
-    Metrics: target_agreement, bn_error (DeepInversion only), diversity
-    (penultimate-feature cosine distance within a class), images_per_second,
-    seconds, iterations_mean.
+    Metrics: target_agreement, bn_error (teachers with BatchNorm only),
+    diversity (penultimate-feature cosine distance within a class),
+    images_per_second, seconds, iterations_mean. Progress is reported as
+    ``("synth", images done, count)``.
     """
     _check_config(config)
     started = time.perf_counter()
@@ -113,6 +112,8 @@ def synthesize(teacher: Any, config: SynthConfig = SynthConfig(), progress: Prog
         raise SynthError(f"teacher input_shape={teacher.input_shape!r}: expected C,H,W")
     if num_classes < 1:
         raise SynthError(f"teacher num_classes={num_classes}: expected at least one class")
+    if teacher.normalize is not None and any(len(v) not in (1, input_shape[0]) for v in teacher.normalize):
+        raise SynthError(f"teacher normalize={teacher.normalize!r}: expected 1 or {input_shape[0]} values per side (one per channel)")
     has_batchnorm = bool(batchnorm_layers(network))
     method = config.method if config.method != "auto" else ("deepinversion" if has_batchnorm else "data_impression")
     if method == "deepinversion" and not has_batchnorm:
