@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m edgesnn build --out $(DEMO_OUT) --eval-data packaged
+	$(PY) -m edgesnn build --private --binary --budget fast --out $(DEMO_OUT) --eval-data packaged
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench/convert_fmnist.py
+	$(PY) bench/private_binary_fmnist.py --cifar
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

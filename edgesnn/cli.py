@@ -312,11 +312,20 @@ def build_command(
     model: str = typer.Argument(DEFAULT_ZOO_MODEL, help="Zoo name or checkpoint of the ANN (default: the default zoo model)."),
     out: Path = typer.Option(Path("out"), "--out", help="Output folder; a rerun resumes from its finished stages."),
     force: bool = typer.Option(False, "--force", help="Recompute every stage, ignoring finished ones in --out."),
-    count: int = COUNT,
+    private: bool = typer.Option(False, "--private", help="Retrain the SNN through time on synthetic images (PrivateSNN) and reduce it to --timesteps (default 1)."),
+    binary: bool = typer.Option(False, "--binary", help="Binarize layers adaptively within --max-loss (ALBSNN); the rest int8. Needs --private."),
+    budget: str = typer.Option("standard", "--budget", help="Iteration counts: fast (~3 min), standard (≤10 min) or thorough (≤60 min) on 2 CPU cores."),
+    device: str = typer.Option("cpu", "--device", help="Where retraining runs: cpu or cuda."),
+    count: Optional[int] = typer.Option(None, "--count", min=1, help="Synthetic images to generate (default: the budget's; 2048 for standard)."),
     method: str = METHOD,
     iterations: Optional[int] = ITERATIONS,
     synth_batch: Optional[int] = SYNTH_BATCH,
-    timesteps: int = TIMESTEPS_T,
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, help="T of the final model: default 32 for a converted SNN, 1 with --private."),
+    coding: str = typer.Option("direct", "--coding", help="Input coding during temporal retraining (T>1): direct or rate (Bernoulli spikes)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=0, help="With --private: training steps at the final T (default: the budget's; T>1 phases get a tenth each)."),
+    binary_steps: Optional[int] = typer.Option(None, "--binary-steps", min=0, help="With --binary: fine-tuning steps after each binarized layer (default: the budget's; the final fine-tune gets 4×)."),
+    max_loss: float = typer.Option(3.0, "--max-loss", min=0.0, help="With --binary: agreement points (teacher vs SNN, held-out synthetic images) binarization may cost."),
+    binary_fraction: Optional[float] = typer.Option(None, "--binary-fraction", min=0.0, max=1.0, help="With --binary: stop once this share of weights is 1-bit."),
     threshold_mode: str = THRESHOLD_MODE,
     percentile: float = PERCENTILE,
     per_channel: bool = PER_CHANNEL,
@@ -325,45 +334,118 @@ def build_command(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="After the build, measure accuracy on real images. " + DATA_HELP),
     eval_normalize: Optional[str] = typer.Option(None, "--eval-normalize", help="MEAN:STD for --eval-data (default: the model's own, if known)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
-    eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data."),
+    eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data (a retrained model: those up to its T)."),
     seed: int = SEED,
     arch: Optional[str] = ARCH,
     input_shape: Optional[str] = INPUT_SHAPE,
     trust_pickle: bool = TRUST_PICKLE,
     json_output: bool = JSON,
 ) -> None:
-    """Run the whole job: load → synthesise images → convert to an SNN (→ evaluate on real data).
+    """Run the whole job: load → synthesise images → convert to an SNN (→ retrain → binarize) (→ evaluate on real data).
 
+    edgesnn build --private --binary makes a one-timestep SNN with mostly 1-bit weights.
     The build itself never reads a dataset; --eval-data is only used to report accuracy afterwards.
     """
+    from .binarize import BinarizeConfig
+    from .errors import PipelineError
     from .evaluate import parse_timesteps
-    from .pipeline import BuildConfig, EvalConfig, build, report_json
+    from .pipeline import BUDGETS, BuildConfig, EvalConfig, build
+    from .privatize import CODINGS, PrivatizeConfig, TrainConfig, check_device
 
+    if private:
+        check_device(device)
+    if budget not in BUDGETS:
+        raise PipelineError(f"--budget {budget!r} is unknown; valid: {', '.join(BUDGETS)}")
+    if coding not in CODINGS:
+        raise PipelineError(f"--coding {coding!r} is unknown; valid: {', '.join(CODINGS)}")
+    if binary and not private:
+        raise PipelineError("--binary needs --private: binarization fine-tunes the retrained one-timestep model")
+    preset = BUDGETS[budget]
+    if steps is not None:
+        preset = dataclasses.replace(preset, final_steps=steps, temporal_steps=steps // 10)
+    if binary_steps is not None:
+        preset = dataclasses.replace(preset, binarize_step_steps=binary_steps, binarize_final_steps=4 * binary_steps)
     steps = parse_timesteps(eval_timesteps)
+    final_timesteps = timesteps if timesteps is not None else (1 if private else 32)
+    privatize_config = None
+    convert_timesteps = final_timesteps
+    if private:
+        privatize_config = PrivatizeConfig(
+            timesteps=final_timesteps, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed)
+        )
+        # Bias correction targets the first training phase's T.
+        convert_timesteps = max([final_timesteps, *privatize_config.schedule])
+    binarize_config = None
+    if binary:
+        binarize_config = BinarizeConfig(
+            max_loss=max_loss, binary_fraction=binary_fraction, step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, device=device, seed=seed)
+        )
     config = BuildConfig(
         model=model,
         load=_load_config(arch, input_shape, trust_pickle),
-        synth=_synth_config(count, method, iterations, synth_batch, seed),
-        convert=_convert_config(timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
+        synth=_synth_config(count if count is not None else preset.synth_count, method, iterations, synth_batch, seed),
+        convert=_convert_config(convert_timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
+        privatize=privatize_config,
+        binarize=binarize_config,
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
         seed=seed,
     )
     with _Bars() as bars:
         result = build(config, out, force, bars, _log)
-    document: dict[str, Any] = {
-        "out": str(out),
-        "model": model,
-        "teacher": result.teacher.source,
-        "synthetic": {"method": result.synthetic.method, "images": len(result.synthetic.labels), **result.synthetic.metrics},
-        "timesteps": result.model.timesteps,
-        "stages": {name: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "resumed": s["resumed"]} for name, s in result.stages.items()},
-    }
-    if result.report is not None:
-        document.update(report_json(result.report))
+    document = build_document(result, model, budget)
     if json_output:
         _print_json(document)
         return
-    table = Table(title=f"edgesnn build → {out}", title_justify="left")
+    _render_build(result, document)
+
+
+def build_document(result, model: str, budget: str) -> dict[str, Any]:
+    """The JSON schema of ``build --json`` (see README)."""
+    from .binarize import binary_share, model_bytes
+    from .pipeline import report_json, teacher_bytes_fp32
+
+    final = result.model
+    deployed_bytes = model_bytes(final)
+    teacher_bytes = teacher_bytes_fp32(result.teacher)
+    private_metrics = final.metrics.get("privatize", {})
+    binary_metrics = final.metrics.get("binarize", {})
+    cosine = private_metrics.get("weight_cosine_after", {})
+    if binary_metrics:
+        from .privatize import weight_cosines
+
+        if result.converted is not None:
+            cosine = weight_cosines(result.converted.graph, result.converted.thresholds, final)
+    layers = {}
+    for node in final.graph.weighted():
+        entry = {"weight_format": node.attrs.get("weight_format", "float"), "weights": node.params["weight"].numel(), "binarized": node.attrs.get("weight_format") == "binary"}
+        entry.update({k: v for k, v in binary_metrics.get("layers", {}).get(node.name, {}).items() if k in ("weight_error", "agreement_drop", "fixed")})
+        if node.name in cosine:
+            entry["cosine_to_ann"] = cosine[node.name]
+        layers[node.name] = entry
+    document: dict[str, Any] = {
+        "out": str(result.out),
+        "model": model,
+        "teacher": result.teacher.source,
+        "budget": budget,
+        "final_model": result.final_file,
+        "synthetic": {"method": result.synthetic.method, "images": len(result.synthetic.labels), **result.synthetic.metrics},
+        "timesteps": final.timesteps,
+        "binary_fraction": round(binary_share(final), 5),
+        "model_bytes": deployed_bytes,
+        "teacher_fp32_bytes": teacher_bytes,
+        "size_ratio": round(teacher_bytes / max(1, deployed_bytes), 3),
+        "layers": layers,
+        "stages": {name: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "resumed": s["resumed"]} for name, s in result.stages.items()},
+    }
+    if binary_metrics:
+        document["binarize_steps"] = binary_metrics.get("steps", [])
+    if result.report is not None:
+        document.update(report_json(result.report))
+    return document
+
+
+def _render_build(result, document: dict[str, Any]) -> None:
+    table = Table(title=f"edgesnn build → {result.out}", title_justify="left")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("peak RSS MiB", justify="right")
@@ -376,6 +458,22 @@ def build_command(
         f"synthetic: {len(result.synthetic.labels)} images by {result.synthetic.method}, teacher agrees on "
         f"{metrics.get('target_agreement', float('nan')):.1%}, {metrics.get('images_per_second', float('nan')):.1f} images/s"
     )
+    if result.final_file != "snn.pt":
+        layers = Table(title=f"final model {result.final_file}: T={document['timesteps']}, {document['binary_fraction']:.1%} of weights 1-bit, {document['size_ratio']:.1f}× smaller than the fp32 teacher", title_justify="left")
+        for column in ("layer", "weights", "format", "agreement drop (pts)", "weight error", "cosine to ANN"):
+            layers.add_column(column, justify="right" if column != "layer" else "left")
+        for name, layer in document["layers"].items():
+            drop = layer.get("agreement_drop")
+            error = layer.get("weight_error")
+            layers.add_row(
+                name,
+                str(layer["weights"]),
+                layer["weight_format"] + (" (fixed)" if layer.get("fixed") else ""),
+                "" if drop is None else f"{drop:.1f}",
+                "" if error is None else f"{error:.3f}",
+                f"{layer['cosine_to_ann']:.3f}" if "cosine_to_ann" in layer else "",
+            )
+        stderr.print(layers)
     if result.report is not None:
         _render_report(result.report)
     else:

@@ -63,3 +63,15 @@ class PipelineError(EdgeSNNError):
     """The build pipeline cannot run or resume as asked."""
 
     stage = "build"
+
+
+class PrivatizeError(EdgeSNNError):
+    """Temporal retraining or timestep reduction was given an impossible configuration."""
+
+    stage = "privatize"
+
+
+class BinarizeError(EdgeSNNError):
+    """Adaptive binarization was given an impossible configuration."""
+
+    stage = "binarize"

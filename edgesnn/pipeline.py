@@ -6,6 +6,8 @@ Output folder of ``edgesnn build``::
     synthetic.npz    synthetic images, labels, teacher logits
     synthetic.png    preview grid of the synthetic images
     snn.pt           the converted spiking model (plain tensors; weights_only-safe)
+    private.pt       with --private: the SNN retrained through time and reduced to --timesteps
+    binary.pt        with --binary: the same with layers binarized (the rest int8)
     eval.json        accuracy on real data (when --eval-data is given)
     manifest.json    per stage: config, input and output sha256, seconds, peak RSS, metrics
 
@@ -35,6 +37,7 @@ import torch
 
 from . import __version__
 from .artifacts import EvalReport, LoadedModel, Progress, SpikingModel, SyntheticSet, Teacher, no_progress
+from .binarize import BinarizeConfig, binarize, model_bytes
 from .capture import CaptureConfig, capture
 from .convert import ConvertConfig, convert, spiking_from_state, spiking_state
 from .datasets import PACKAGED_SUBSET, LabelledImages, load_labelled_images
@@ -42,6 +45,7 @@ from .errors import ArtifactError, EdgeSNNError, PipelineError
 from .evaluate import evaluate
 from .graph import Graph
 from .load import LoadConfig, load_model
+from .privatize import PrivatizeConfig, privatize
 from .zoo import DEFAULT_ZOO_MODEL, ZOO
 
 MANIFEST = "manifest.json"
@@ -49,6 +53,8 @@ TEACHER_FILE = "teacher.pt"
 SYNTHETIC_FILE = "synthetic.npz"
 PREVIEW_FILE = "synthetic.png"
 SNN_FILE = "snn.pt"
+PRIVATE_FILE = "private.pt"
+BINARY_FILE = "binary.pt"
 EVAL_FILE = "eval.json"
 PACKAGED_DATA = "packaged"  # --eval-data value for the real Fashion-MNIST subset shipped in the package
 
@@ -74,6 +80,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Iteration counts of one ``--budget`` preset (each can still be set by its own option)."""
+
+    synth_count: int  # synthetic images
+    temporal_steps: int  # privatize: optimiser steps in each T > 1 phase
+    final_steps: int  # privatize: optimiser steps at the final T
+    binarize_step_steps: int  # binarize: fine-tuning steps after each binarized layer
+    binarize_final_steps: int  # binarize: fine-tuning steps at the end
+
+
+# Measured on 2 CPU cores (BENCHMARKS.md): fast ≈ 3 min, standard ≤ 10 min, thorough ≤ 60 min
+# for the whole --private --binary build of a zoo model.
+BUDGETS: dict[str, Budget] = {
+    "fast": Budget(synth_count=1024, temporal_steps=20, final_steps=200, binarize_step_steps=30, binarize_final_steps=100),
+    "standard": Budget(synth_count=2048, temporal_steps=60, final_steps=600, binarize_step_steps=80, binarize_final_steps=300),
+    "thorough": Budget(synth_count=8192, temporal_steps=300, final_steps=4000, binarize_step_steps=300, binarize_final_steps=2000),
+}
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything ``edgesnn build`` does, one field per CLI option group."""
 
@@ -81,6 +107,8 @@ class BuildConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     synth: Any = None  # edgesnn.synth.SynthConfig; None: its defaults
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    privatize: PrivatizeConfig | None = None  # None: no retraining (the converted SNN is the result)
+    binarize: BinarizeConfig | None = None  # None: no binarization; needs privatize
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0  # seeds every stage
 
@@ -92,9 +120,12 @@ class BuildResult:
     out: Path  # the output folder
     teacher: Teacher
     synthetic: SyntheticSet
-    model: SpikingModel
+    model: SpikingModel  # the final model: binary, else private, else converted
     report: EvalReport | None  # None without --eval-data
-    stages: dict[str, dict[str, Any]]  # stage -> {"seconds", "peak_rss_mb", "resumed", "metrics"}
+    converted: SpikingModel | None = None  # the converted SNN, when a later stage produced the final model
+    private: SpikingModel | None = None  # the retrained model before binarization, when --binary produced the final one
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {"seconds", "peak_rss_mb", "resumed", "metrics"}
+    final_file: str = SNN_FILE  # file name of the final model in the output folder
 
 
 # ---------------------------------------------------------------------------
@@ -396,13 +427,58 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
         lambda: read_spiking(out / SNN_FILE),
     )
 
+    converted, final, final_file, private_model = model, model, SNN_FILE, None
+    if config.binarize is not None and config.privatize is None:
+        raise PipelineError("--binary needs --private: binarization fine-tunes the retrained one-timestep model")
+    if config.privatize is not None:
+        private_config = _seeded(config.privatize, config.seed)
+        final, private_outputs = run.stage(
+            "privatize",
+            {"privatize": private_config},
+            {SNN_FILE: model_outputs[SNN_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
+            lambda: _compute_stage(PRIVATE_FILE, privatize(model, teacher, synthetic, private_config, progress), "privatize"),
+            lambda: read_spiking(out / PRIVATE_FILE),
+        )
+        final_file, final_digest = PRIVATE_FILE, private_outputs[PRIVATE_FILE]
+        if config.binarize is not None:
+            binary_config = _seeded(config.binarize, config.seed)
+            private = private_model = final
+            final, binary_outputs = run.stage(
+                "binarize",
+                {"binarize": binary_config},
+                {PRIVATE_FILE: private_outputs[PRIVATE_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
+                lambda: _compute_stage(BINARY_FILE, binarize(private, teacher, synthetic, binary_config, progress), "binarize"),
+                lambda: read_spiking(out / BINARY_FILE),
+            )
+            final_file, final_digest = BINARY_FILE, binary_outputs[BINARY_FILE]
+    else:
+        final_digest = model_outputs[SNN_FILE]
+
     report = None
     if config.evaluation.data is not None:
-        report = _evaluate_stage(run, config.evaluation, teacher, model, model_outputs[SNN_FILE], progress)
-    run.manifest["datasets_read_by_build"] = []  # load, synth and convert read no data set: data-free
-    run.manifest["final_model"] = SNN_FILE
+        report = _evaluate_stage(run, config.evaluation, teacher, final, final_file, final_digest, progress)
+    run.manifest["datasets_read_by_build"] = []  # load, synth, convert, privatize and binarize read no data set: data-free
+    run.manifest["final_model"] = final_file
+    run.manifest["final_model_bytes"] = model_bytes(final)
+    run.manifest["teacher_fp32_bytes"] = teacher_bytes_fp32(teacher)
     run.save_manifest()
-    return BuildResult(out, teacher, synthetic, model, report, run.stages)
+    return BuildResult(out, teacher, synthetic, final, report, converted if final is not converted else None, private_model, run.stages, final_file)
+
+
+def _seeded(stage_config, seed: int):
+    """A privatize/binarize config with the build's seed in its training config."""
+    return dataclasses.replace(stage_config, train=dataclasses.replace(stage_config.train, seed=seed))
+
+
+def teacher_bytes_fp32(teacher: Teacher) -> int:
+    """Bytes of the teacher's weights as fp32 with BatchNorm folded (the smallest honest fp32 baseline)."""
+    from .graph import fold_batchnorm
+
+    return 4 * sum(tensor.numel() for node in fold_batchnorm(teacher.graph).nodes for key, tensor in node.params.items() if key not in ("running_mean", "running_var", "num_batches_tracked"))
+
+
+def _compute_stage(filename: str, model: SpikingModel, stage: str):
+    return model, {filename: spiking_bytes(model)}, model.metrics.get(stage, {})
 
 
 def _compute_teacher(config: BuildConfig):
@@ -423,17 +499,24 @@ def _compute_snn(teacher: Teacher, synthetic: SyntheticSet, convert_config: Conv
     return model, {SNN_FILE: spiking_bytes(model)}, model.metrics
 
 
-def _evaluate_stage(run: _Run, config: EvalConfig, teacher: Teacher, model: SpikingModel, model_digest: str, progress: Progress) -> EvalReport:
+def eval_timesteps(requested: tuple[int, ...], model: SpikingModel) -> list[int]:
+    """The T values worth reporting: a model retrained for T steps is reported up to T (and at T)."""
+    if "privatize" not in model.config:
+        return list(requested)
+    return sorted({t for t in requested if t <= model.timesteps} | {model.timesteps})
+
+
+def _evaluate_stage(run: _Run, config: EvalConfig, teacher: Teacher, model: SpikingModel, model_file: str, model_digest: str, progress: Progress) -> EvalReport:
     """Evaluation reads real data, so it is recorded apart from the data-free stages and always rerun."""
     started = time.perf_counter()
     data = load_eval_data(config, teacher.normalize)
-    report = evaluate(teacher, model, data, list(config.timesteps), progress)
+    report = evaluate(teacher, model, data, eval_timesteps(config.timesteps, model), progress)
     document = report_json(report)
     digest = write_atomic(run.out / EVAL_FILE, (json.dumps(document, indent=2) + "\n").encode())
     run.manifest["evaluation"] = {
         "data": report.source,
         "images": report.images,
-        "inputs": {SNN_FILE: model_digest},
+        "inputs": {model_file: model_digest},
         "outputs": {EVAL_FILE: digest},
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": peak_rss_mb(),

@@ -1,0 +1,181 @@
+"""Benchmark: `edgesnn build --private --binary` on the zoo teachers, measured on the full Fashion-MNIST test set.
+
+    .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar]
+
+For each zoo model, one build with the chosen budget (the same stages and
+configuration as the CLI), then on the test set: the teacher; the converted SNN
+run at T=1 with no retraining; the private T=1 model; the private + binary T=1
+model; the share of 1-bit weights; model bytes against the fp32 teacher
+(BatchNorm folded); weight cosine to the ANN per layer; seconds and peak RSS
+per stage. With --cifar, also a CIFAR-sized ResNet-20 (3×32×32, random weights,
+option-A shortcuts) for time and memory only. The build never reads the test
+set: it is read afterwards, by this script. Prints a Markdown table for
+BENCHMARKS.md and writes the raw figures to bench/results/private_binary_<budget>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgesnn.binarize import BinarizeConfig, binary_share, model_bytes
+from edgesnn.convert import ConvertConfig
+from edgesnn.datasets import load_labelled_images
+from edgesnn.load import LoadConfig
+from edgesnn.pipeline import BUDGETS, BuildConfig, build, teacher_bytes_fp32
+from edgesnn.privatize import PrivatizeConfig, TrainConfig, snn_logits, weight_cosines
+from edgesnn.synth import SynthConfig
+from edgesnn.zoo import ZOO
+
+DATA = "/usr/share/datasets/fashion-mnist"
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the issue's reference figure)
+
+
+def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0) -> BuildConfig:
+    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs."""
+    preset = BUDGETS[budget]
+    privatize = PrivatizeConfig(timesteps=1, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(seed=seed))
+    binarize = BinarizeConfig(step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, seed=seed))
+    return BuildConfig(
+        model=model,
+        load=load,
+        synth=SynthConfig(count=preset.synth_count, seed=seed),
+        convert=ConvertConfig(timesteps=max(privatize.schedule), seed=seed),
+        privatize=privatize,
+        binarize=binarize,
+        seed=seed,
+    )
+
+
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, timesteps: int) -> float:
+    return float((snn_logits(model, images, timesteps).argmax(1) == labels).float().mean())
+
+
+def run_model(name: str, budget: str, limit: int, seed: int, log) -> dict:
+    entry = ZOO[name]
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = build(build_config(name, budget, seed=seed), Path(folder) / "out", progress=lambda *a: None, log=log)
+        build_seconds = round(time.perf_counter() - started, 1)
+    test = load_labelled_images(DATA, "test", entry.normalize, limit)
+    images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
+    teacher = result.teacher.network
+    with torch.no_grad():
+        teacher_accuracy = float((torch.cat([teacher(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1) == labels).float().mean())
+    final = result.model
+    converted = result.converted
+    # The private model before binarization is the binarize stage's input: rebuild it from the stage record.
+    private = result.private
+    row = {
+        "model": name,
+        "budget": budget,
+        "build_seconds": build_seconds,
+        "teacher_accuracy": teacher_accuracy,
+        "converted_t1_accuracy": accuracy(converted, images, labels, 1),
+        "converted_t4_accuracy": accuracy(converted, images, labels, converted.timesteps),
+        "private_t1_accuracy": accuracy(private, images, labels, 1),
+        "binary_t1_accuracy": accuracy(final, images, labels, 1),
+        "binary_fraction": round(binary_share(final), 5),
+        "model_bytes": model_bytes(final),
+        "private_model_bytes_fp32": model_bytes(private),
+        "teacher_fp32_bytes": teacher_bytes_fp32(result.teacher),
+        "weight_cosine_private": private.metrics["privatize"]["weight_cosine_after"],
+        "weight_cosine_binary": weight_cosines(converted.graph, converted.thresholds, final),
+        "layers": {n: {k: v for k, v in layer.items()} for n, layer in final.metrics["binarize"]["layers"].items()},
+        "binarize_steps": final.metrics["binarize"]["steps"],
+        "privatize_phases": private.metrics["privatize"]["phases"],
+        "synth": {k: v for k, v in result.synthetic.metrics.items()},
+        "stages": {k: {"seconds": v["seconds"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in result.stages.items()},
+    }
+    row["size_ratio"] = round(row["teacher_fp32_bytes"] / row["model_bytes"], 2)
+    log(
+        f"{name}: teacher {100 * teacher_accuracy:.2f}, converted T=1 {100 * row['converted_t1_accuracy']:.2f}, private T=1 {100 * row['private_t1_accuracy']:.2f}, "
+        f"private+binary T=1 {100 * row['binary_t1_accuracy']:.2f}, {100 * row['binary_fraction']:.1f}% 1-bit, {row['size_ratio']}× smaller, build {build_seconds} s"
+    )
+    return row
+
+
+def run_cifar(budget: str, seed: int, log) -> dict:
+    """A CIFAR-sized ResNet-20 (random weights): time and peak RSS per stage only."""
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+    from resnet_lambda import resnet20  # noqa: E402
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "resnet20.pt"
+        torch.save(resnet20().state_dict(), checkpoint)
+        load = LoadConfig(arch=f"{ROOT / 'tests' / 'fixtures' / 'resnet_lambda.py'}:resnet20", input_shape=(3, 32, 32))
+        started = time.perf_counter()
+        result = build(build_config(str(checkpoint), budget, load, seed), Path(folder) / "out", progress=lambda *a: None, log=log)
+        seconds = round(time.perf_counter() - started, 1)
+    row = {
+        "model": "cifar_resnet20 (random weights)",
+        "budget": budget,
+        "build_seconds": seconds,
+        "binary_fraction": round(binary_share(result.model), 5),
+        "size_ratio": round(teacher_bytes_fp32(result.teacher) / model_bytes(result.model), 2),
+        "stages": {k: {"seconds": v["seconds"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in result.stages.items()},
+    }
+    log(f"cifar_resnet20: build {seconds} s, stages {row['stages']}")
+    return row
+
+
+def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
+    lines = [
+        f"| model | teacher | converted T=1 | private T=1 | private + binary T=1 | vs teacher | vs published {PUBLISHED_ONE_STEP} | 1-bit weights | bytes (teacher fp32) | size ratio | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {100 * r['teacher_accuracy']:.2f} | {100 * r['converted_t1_accuracy']:.2f} | {100 * r['private_t1_accuracy']:.2f} | "
+            f"{100 * r['binary_t1_accuracy']:.2f} | {100 * (r['binary_t1_accuracy'] - r['teacher_accuracy']):+.2f} | {100 * r['binary_t1_accuracy'] - PUBLISHED_ONE_STEP:+.2f} | "
+            f"{100 * r['binary_fraction']:.1f}% | {r['model_bytes']:,} ({r['teacher_fp32_bytes']:,}) | {r['size_ratio']}× | {r['build_seconds']} |"
+        )
+    stages = ["load", "synth", "convert", "privatize", "binarize"]
+    lines += ["", "| model | " + " | ".join(f"{s} s (peak RSS MiB)" for s in stages) + " |", "|---|" + "---|" * len(stages)]
+    for r in rows + ([cifar] if cifar else []):
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['stages'][s]['seconds']:.0f} ({r['stages'][s]['peak_rss_mb']:.0f})" for s in stages) + " |")
+    lines += ["", "| model | layer | weights | format | agreement drop (pts) | weight error | cosine to ANN: private | binary |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for name, layer in r["layers"].items():
+            drop, error = layer.get("agreement_drop"), layer.get("weight_error")
+            lines.append(
+                f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''} | "
+                f"{'' if drop is None else drop} | {'' if error is None else error} | {r['weight_cosine_private'].get(name, '')} | {r['weight_cosine_binary'].get(name, '')} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(ZOO))
+    parser.add_argument("--budget", default="standard", choices=list(BUDGETS))
+    parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
+    parser.add_argument("--cifar", action="store_true", help="also time a CIFAR-sized ResNet-20")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not Path(DATA).is_dir():
+        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    rows = [run_model(name, args.budget, args.limit, args.seed, log) for name in args.models.split(",") if name]
+    cifar = run_cifar(args.budget, args.seed, log) if args.cifar else None
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+    out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "limit": args.limit, "results": rows, "cifar": cifar}, indent=2) + "\n")
+    print(f"private_binary_fmnist ({args.budget}) — {time.strftime('%Y-%m-%d')}, {machine}, {args.limit} test images\n")
+    print(markdown(rows, cifar, args.limit))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Stage ``binarize``: adaptive local binarization (ALBSNN) of a one-timestep SNN.
+
+A binarized layer computes with W_b = α·sign(W), α = mean |W| per output
+channel (sign(0) = +1), so each output channel holds exactly two values and
+costs one bit per weight plus one α. Every other conv/linear layer is int8
+(symmetric, one scale per output channel).
+
+Which layers? Each candidate layer l gets two loss estimates:
+
+- the weight error e_l = ‖W − W_b‖² / ‖W‖² (cheap, data-free), and
+- the measured drop d_l in agreement with the teacher, in points, on a
+  held-out synthetic split when l alone is binarized (the others as they are).
+
+Layers are binarized greedily, lowest d_l first (e_l breaks ties): binarize
+one, fine-tune the whole network briefly with a straight-through estimator
+(forward with W_b, gradient to the latent W), re-measure. A step whose
+agreement falls more than ``max_loss`` points below the starting model's is
+undone and that layer is skipped; the remaining candidates are re-estimated
+after every accepted step, since fine-tuning changes what each would cost.
+The search stops when no candidate fits or ``binary_fraction`` of all weights
+are 1-bit. The first and last layers stay int8 by default: they are small
+and the most sensitive. A final fine-tune with every layer in its deployed
+format closes the gap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
+from .errors import BinarizeError
+from .privatize import TrainConfig, agreement, check_device, binary_weight, quantize, split_holdout, teacher_logits, train_spiking
+
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """Greedy per-layer binarization within an agreement budget."""
+
+    max_loss: float = 3.0  # agreement points (on the held-out synthetic split) binarization may cost
+    binary_fraction: float | None = None  # stop once this share of all conv/linear weights is 1-bit; None: as many as fit
+    keep_first_last: bool = True  # first and last conv/linear layers stay int8
+    step_steps: int = 80  # fine-tuning steps after each binarized layer
+    final_steps: int = 300  # fine-tuning steps at the end, every layer in its deployed format
+    holdout: float = 0.1  # share of synthetic images held out for the measured estimator
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
+
+
+def _formats(model: SpikingModel) -> dict[str, str]:
+    return {node.name: node.attrs.get("weight_format", "float") for node in model.graph.weighted()}
+
+
+def _with_formats(model: SpikingModel, formats: dict[str, str]) -> SpikingModel:
+    """The model with each layer's weights quantized to its format (latent weights kept aside by the caller)."""
+    graph = model.graph.copy()
+    for node in graph.weighted():
+        node.params["weight"] = quantize(node.params["weight"], formats[node.name])
+        node.attrs["weight_format"] = formats[node.name]
+    return replace(model, graph=graph)
+
+
+def weight_error(weight: torch.Tensor) -> float:
+    """‖W − α·sign(W)‖² / ‖W‖²: the relative error binarization makes in a layer."""
+    return float((weight - binary_weight(weight)).square().sum() / weight.square().sum().clamp_min(1e-12))
+
+
+def binary_share(model: SpikingModel) -> float:
+    """Share of all conv/linear weights that are 1-bit."""
+    total = sum(node.params["weight"].numel() for node in model.graph.weighted())
+    binary = sum(node.params["weight"].numel() for node in model.graph.weighted() if node.attrs.get("weight_format") == "binary")
+    return binary / max(1, total)
+
+
+def model_bytes(model: SpikingModel) -> int:
+    """Bytes the deployed model's parameters take: 1-bit weights packed 8 per byte plus one fp32 α per
+    output channel, int8 weights plus one fp32 scale per output channel, fp32 for everything else
+    (biases, thresholds, unfolded BatchNorm)."""
+    total = 0
+    for node in model.graph.nodes:
+        for key, tensor in node.params.items():
+            if key == "weight" and node.op in ("conv", "linear"):
+                kind = node.attrs.get("weight_format", "float")
+                channels = tensor.shape[0]
+                total += {"binary": -(-tensor.numel() // 8) + 4 * channels, "int8": tensor.numel() + 4 * channels}.get(kind, 4 * tensor.numel())
+            elif key not in ("running_mean", "running_var", "num_batches_tracked") or node.op == "batchnorm":
+                total += 4 * tensor.numel()
+    return total + 4 * sum(theta.numel() for theta in model.thresholds.values())
+
+
+def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet) -> None:
+    if config.max_loss < 0:
+        raise BinarizeError(f"max loss {config.max_loss} must be ≥ 0 agreement points")
+    if config.binary_fraction is not None and not 0 < config.binary_fraction <= 1:
+        raise BinarizeError(f"binary fraction {config.binary_fraction} must be in (0, 1]")
+    if config.step_steps < 0 or config.final_steps < 0:
+        raise BinarizeError("fine-tuning steps must be ≥ 0")
+    if not 0 < config.holdout < 0.5:
+        raise BinarizeError(f"holdout {config.holdout} must be in (0, 0.5)")
+    if tuple(synthetic.images.shape[1:]) != tuple(model.input_shape):
+        raise BinarizeError(f"synthetic images have shape {tuple(synthetic.images.shape[1:])} but the model expects {model.input_shape}")
+    check_device(config.train.device)
+    if len(model.graph.weighted()) == 0:
+        raise BinarizeError("the model has no conv or linear layer to binarize")
+
+
+def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, config: BinarizeConfig = BinarizeConfig(), progress: Progress = no_progress) -> SpikingModel:
+    """Binarize layers greedily within the agreement budget; every other weight layer becomes int8."""
+    _check(config, model, synthetic)
+    started = time.perf_counter()
+    torch.manual_seed(config.train.seed)
+    timesteps = model.timesteps
+    train_index, held_index = split_holdout(synthetic.labels, config.holdout, config.train.seed)
+    images, labels = synthetic.images[train_index], synthetic.labels[train_index]
+    held_images = synthetic.images[held_index]
+    held_teacher = teacher_logits(teacher, held_images).argmax(1)
+    teacher_network = teacher.network
+
+    weighted = model.graph.weighted()
+    sizes = {node.name: node.params["weight"].numel() for node in weighted}
+    total = sum(sizes.values())
+    fixed = {weighted[0].name, weighted[-1].name} if config.keep_first_last else set()
+    formats = {node.name: "int8" for node in weighted}
+
+    # Start: every layer int8, fine-tuned to the teacher so that the budget is measured from there.
+    # ``current`` holds the latent float weights; _with_formats gives what is deployed.
+    start_agreement = agreement(model, held_images, held_teacher, timesteps)
+    current, _ = train_spiking(model, teacher_network, images, labels, timesteps, config.step_steps, config.train, formats, progress, "int8", latent=True)
+    baseline = agreement(_with_formats(current, formats), held_images, held_teacher, timesteps)
+    floor = baseline - config.max_loss / 100
+
+    estimates: dict[str, dict] = {}
+    steps_log = []
+    candidates = [node.name for node in weighted if node.name not in fixed]
+    step_number = 0
+    while candidates:
+        if config.binary_fraction is not None and sum(sizes[n] for n, f in formats.items() if f == "binary") / total >= config.binary_fraction:
+            break
+        # Estimate every remaining candidate on the current model.
+        now = agreement(_with_formats(current, formats), held_images, held_teacher, timesteps)
+        for name in candidates:
+            trial = _with_formats(current, dict(formats, **{name: "binary"}))
+            estimates[name] = {
+                "weight_error": round(weight_error(current.graph[name].params["weight"]), 5),
+                "agreement_drop": round(100 * (now - agreement(trial, held_images, held_teacher, timesteps)), 3),
+            }
+        candidates.sort(key=lambda n: (estimates[n]["agreement_drop"], estimates[n]["weight_error"]))
+        name = candidates.pop(0)
+        step_number += 1
+        trial_formats = dict(formats, **{name: "binary"})
+        tuned, _ = train_spiking(
+            current, teacher_network, images, labels, timesteps, config.step_steps, replace(config.train, seed=config.train.seed + step_number), trial_formats, progress, f"bin {step_number}", latent=True
+        )
+        reached = agreement(_with_formats(tuned, trial_formats), held_images, held_teacher, timesteps)
+        accepted = reached >= floor
+        steps_log.append({"layer": name, **estimates[name], "agreement_after": round(reached, 4), "accepted": accepted})
+        if accepted:
+            formats, current = trial_formats, tuned
+    final_config = replace(config.train, seed=config.train.seed + 1000)
+    current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final")
+    current = _with_formats(current, formats)  # idempotent on quantized weights; sets every layer's weight_format
+    final_agreement = agreement(current, held_images, held_teacher, timesteps)
+
+    layers = {}
+    for node in current.graph.weighted():
+        layers[node.name] = {
+            "weight_format": formats[node.name],
+            "weights": sizes[node.name],
+            "fixed": node.name in fixed,
+            **estimates.get(node.name, {}),
+        }
+    metrics = {
+        "binary_fraction": round(sum(sizes[n] for n, f in formats.items() if f == "binary") / total, 5),
+        "agreement_start": round(start_agreement, 4),
+        "agreement_int8": round(baseline, 4),
+        "agreement_final": round(final_agreement, 4),
+        "max_loss": config.max_loss,
+        "steps": steps_log,
+        "layers": layers,
+        "final_training": losses,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    config_record = dict(model.config, binarize=asdict(config))
+    return replace(current, config=config_record, metrics=dict(model.metrics, binarize=metrics))
+
+
+__all__ = ["BinarizeConfig", "binarize", "binary_share", "model_bytes", "weight_error"]

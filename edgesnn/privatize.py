@@ -1,0 +1,556 @@
+"""Stage ``privatize``: temporal spike-based retraining (PrivateSNN) and timestep reduction to T=1.
+
+The converted SNN is fine-tuned with backpropagation through time on the
+synthetic images only. Each neuron keeps the convert stage's dynamics,
+
+    v[t] = v[t−1] + I[t];   s[t] = H(v[t] − θ);   v[t] ← v[t] − θ·s[t];   out[t] = θ·s[t],
+
+and the Heaviside step H gets a triangular surrogate derivative in the backward
+pass, ∂s/∂v = max(0, 1 − |v/θ − 1|)/θ, so gradients reach the weights and the
+(per-channel, trainable) thresholds θ. The loss distils the teacher,
+
+    L = τ²·KL(softmax(z_ANN/τ) ‖ softmax(z_SNN/τ)) + λ·CE(z_SNN, y),
+
+where z_SNN is the SNN's output averaged over T steps, z_ANN the teacher's
+logits on the same (augmented) synthetic image and y its synthetic label.
+
+Training runs in phases of decreasing T (e.g. 4 → 2 → 1). At T=1 with v(0) = θ/2
+a layer is stateless, out = θ·[W·x + b ≥ θ/2]; before the T=1 phase each
+threshold can be recalibrated layer by layer to the spike amplitude a that
+minimises ‖ReLU(I) − a·[I ≥ a/2]‖² on the SNN's own input currents I, which is
+kept only where it raises agreement with the teacher on a held-out synthetic
+split. The temporal training moves the weights away from the ANN's, which is
+what hides class features from an inversion attack (PrivateSNN, Kim et al.
+2022); the per-layer cosine similarity to the ANN's weights is reported as a
+first measure of that.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
+from .errors import PrivatizeError
+from .graph import Graph, GraphNetwork
+
+CODINGS = ("direct", "rate")
+WEIGHT_FORMATS = ("float", "int8", "binary")
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one spiking network is fine-tuned on synthetic images (shared by privatize and binarize)."""
+
+    batch_size: int = 128  # synthetic images per optimiser step
+    lr: float = 1e-3  # Adam learning rate of weights and thresholds, cosine-annealed over each phase
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    temperature: float = 4.0  # τ of the distillation loss
+    ce_weight: float = 0.5  # λ: weight of cross-entropy on the synthetic labels
+    augment: bool = True  # random ±2 px shift and horizontal flip of each batch
+    cutmix: float = 0.5  # share of batches mixed by CutMix (teacher targets follow the mix)
+    mixup: float = 0.0  # share of batches blended by mixup (λ uniform); the rest are plain
+    coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
+    surrogate_width: float = 1.0  # half-width of the triangular surrogate, in units of θ
+    device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrivatizeConfig:
+    """Temporal retraining and timestep reduction."""
+
+    timesteps: int = 1  # T of the model this stage returns
+    schedule: tuple[int, ...] = (4, 2)  # T of the temporal phases before the final one (values above --timesteps only)
+    temporal_steps: int = 60  # optimiser steps in each phase of the schedule
+    final_steps: int = 600  # optimiser steps at the final T
+    calibrate: bool = True  # recalibrate thresholds to spike amplitudes before a T=1 phase (kept only if it helps)
+    holdout: float = 0.1  # share of synthetic images held out to measure agreement with the teacher
+    train: TrainConfig = TrainConfig()
+
+
+# ---------------------------------------------------------------------------
+# Spiking neurons with a surrogate gradient
+
+
+class _SpikeFunction(torch.autograd.Function):
+    """H(v − θ) forward; triangular surrogate max(0, 1 − |u|/w)/w with u = v/θ − 1 backward."""
+
+    @staticmethod
+    def forward(ctx, membrane: torch.Tensor, theta: torch.Tensor, width: float) -> torch.Tensor:
+        ctx.save_for_backward(membrane, theta)
+        ctx.width = width
+        return (membrane >= theta).to(membrane.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        membrane, theta = ctx.saved_tensors
+        u = membrane / theta - 1
+        surrogate = (1 - u.abs() / ctx.width).clamp_min(0) / ctx.width * grad
+        grad_membrane = surrogate / theta
+        grad_theta = -(surrogate * membrane / theta.square())
+        # θ broadcasts over batch and space: sum its gradient back to θ's shape.
+        while grad_theta.dim() > theta.dim():
+            grad_theta = grad_theta.sum(0)
+        for dim, size in enumerate(theta.shape):
+            if size == 1 and grad_theta.shape[dim] != 1:
+                grad_theta = grad_theta.sum(dim, keepdim=True)
+        return grad_membrane, grad_theta, None
+
+
+class TrainableIF(nn.Module):
+    """Integrate-and-fire neurons (as ``convert.IFNeuron``) with a trainable θ and a surrogate gradient."""
+
+    def __init__(self, threshold: torch.Tensor, initial_membrane: float, width: float):
+        super().__init__()
+        self.threshold = nn.Parameter(threshold.detach().clone().float())
+        self.initial_membrane = initial_membrane
+        self.width = width
+        self.timesteps = 1
+        self.batch = 0
+
+    def theta(self, like: torch.Tensor) -> torch.Tensor:
+        theta = self.threshold.clamp_min(1e-4)
+        if theta.dim() == 1 and like.dim() > 2:
+            theta = theta.reshape(-1, *([1] * (like.dim() - 2)))
+        return theta
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        steps = self.timesteps
+        constant = current.shape[0] == self.batch and steps > 1
+        if not constant:
+            current = current.reshape(steps, -1, *current.shape[1:])
+        theta = self.theta(current[0] if not constant else current)
+        membrane = theta * self.initial_membrane
+        outputs = []
+        for step in range(steps):
+            membrane = membrane + (current if constant else current[step])
+            spikes = _SpikeFunction.apply(membrane, theta, self.width)
+            membrane = membrane - theta * spikes
+            outputs.append(spikes * theta)
+        return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# Weight formats: what the forward pass sees (straight-through to the latent weights)
+
+
+def binary_weight(weight: torch.Tensor) -> torch.Tensor:
+    """α·sign(W) with α = mean |W| per output channel; sign(0) = +1, so exactly two values per channel."""
+    alpha = weight.abs().reshape(weight.shape[0], -1).mean(1).reshape(-1, *([1] * (weight.dim() - 1)))
+    return torch.where(weight >= 0, alpha, -alpha)
+
+
+def int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8: s·round(W/s), s = max |W| / 127."""
+    scale = weight.abs().reshape(weight.shape[0], -1).amax(1).clamp_min(1e-12).reshape(-1, *([1] * (weight.dim() - 1))) / 127
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def quantize(weight: torch.Tensor, weight_format: str) -> torch.Tensor:
+    if weight_format == "binary":
+        return binary_weight(weight)
+    if weight_format == "int8":
+        return int8_weight(weight)
+    return weight
+
+
+class _StraightThrough(nn.Module):
+    """A parametrization: forward sees the quantized weight, the gradient passes to the latent one."""
+
+    def __init__(self, weight_format: str):
+        super().__init__()
+        self.weight_format = weight_format
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (quantize(weight, self.weight_format) - weight).detach()
+
+
+def weight_format(graph: Graph, name: str) -> str:
+    return graph[name].attrs.get("weight_format", "float")
+
+
+# ---------------------------------------------------------------------------
+# Training network: a SpikingModel as trainable modules, and back
+
+
+class TrainingNetwork(nn.Module):
+    """The SNN as an ``nn.Module`` whose weights, biases and thresholds are trainable."""
+
+    def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None):
+        super().__init__()
+        self.model = model
+        self.neurons = nn.ModuleDict({name.replace(".", "__"): TrainableIF(theta, model.initial_membrane, width) for name, theta in model.thresholds.items()})
+        self.network = GraphNetwork(model.graph, {name: self.neurons[name.replace(".", "__")] for name in model.thresholds})
+        self.formats = {node.name: weight_format(model.graph, node.name) for node in model.graph.weighted()}
+        self.formats.update(formats or {})
+        for name, kind in self.formats.items():
+            if kind != "float":
+                torch.nn.utils.parametrize.register_parametrization(self.network.layer(name), "weight", _StraightThrough(kind))
+
+    def forward(self, x: torch.Tensor, timesteps: int, batch: int) -> torch.Tensor:
+        """Logits averaged over ``timesteps`` steps: B×classes. ``x`` has B samples (direct coding) or T·B (rate coding)."""
+        for neuron in self.neurons.values():
+            neuron.timesteps, neuron.batch = timesteps, batch
+        output = self.network(x)
+        if output.shape[0] == batch:
+            return output
+        return output.reshape(timesteps, batch, *output.shape[1:]).mean(0)
+
+    def spiking_model(self, timesteps: int, latent: bool = False) -> SpikingModel:
+        """The trained network as a ``SpikingModel``: weights in their quantized form, or the latent float ones."""
+        graph = self.model.graph.copy()
+        for node in graph.weighted():
+            layer = self.network.layer(node.name)
+            with torch.no_grad():
+                quantized = self.formats[node.name] != "float"
+                weight = layer.parametrizations.weight.original if latent and quantized else layer.weight
+                node.params["weight"] = weight.detach().clone()
+                if layer.bias is not None:
+                    node.params["bias"] = layer.bias.detach().clone()
+            node.attrs["weight_format"] = self.formats[node.name]
+        for node in graph.of_op("batchnorm"):
+            layer = self.network.layer(node.name)
+            for key in node.params:
+                node.params[key] = getattr(layer, key).detach().clone()
+        thresholds = {name: self.neurons[name.replace(".", "__")].threshold.detach().clamp_min(1e-4).clone() for name in self.model.thresholds}
+        return replace(self.model, graph=graph, thresholds=thresholds, timesteps=timesteps)
+
+
+# ---------------------------------------------------------------------------
+# Data: held-out split, augmentation, coding
+
+
+def split_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, held out), class-stratified and seeded; at least one image per class held out."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    train, held = [], []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if fraction > 0 else 0
+        held.append(members[:count])
+        train.append(members[count:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    shift = torch.randint(-2, 3, (2,), generator=generator).tolist()
+    padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
+    height, width = images.shape[2:]
+    images = padded[:, :, 2 + shift[0] : 2 + shift[0] + height, 2 + shift[1] : 2 + shift[1] + width]
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    return torch.where(flip.reshape(-1, 1, 1, 1), images.flip(3), images)
+
+
+def _cutmix(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """CutMix: a random box of each image replaced by another's; returns images, second labels and λ (share kept)."""
+    order = torch.randperm(len(images), generator=generator)
+    lam = float(torch.rand((), generator=generator))
+    height, width = images.shape[2:]
+    box_h, box_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    top = int(torch.randint(0, height - box_h + 1, (), generator=generator))
+    left = int(torch.randint(0, width - box_w + 1, (), generator=generator))
+    mixed = images.clone()
+    mixed[:, :, top : top + box_h, left : left + box_w] = images[order, :, top : top + box_h, left : left + box_w]
+    kept = 1 - box_h * box_w / (height * width)
+    return mixed, labels[order], kept
+
+
+def _mixup(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    """mixup: λ·x + (1−λ)·x' with a random partner x'; returns images, partner labels and λ."""
+    order = torch.randperm(len(images), generator=generator)
+    lam = float(torch.rand((), generator=generator))
+    return lam * images + (1 - lam) * images[order], labels[order], lam
+
+
+def _rate_code(images: torch.Tensor, timesteps: int, normalize, generator: torch.Generator) -> torch.Tensor:
+    """T Bernoulli spike frames per image: pixel p ∈ [0,1] fires with probability p (then normalised again)."""
+    mean, std = (torch.tensor(v).reshape(1, -1, 1, 1) for v in normalize) if normalize else (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    pixels = (images * std + mean).clamp(0, 1)
+    frames = (torch.rand((timesteps, *pixels.shape), generator=generator) < pixels).float()
+    return ((frames - mean) / std).reshape(-1, *images.shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# Training and measurement
+
+
+def snn_logits(model: SpikingModel, images: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
+    """The SNN's output averaged over T steps (direct coding), without gradients: N×classes."""
+    from .convert import SpikingNetwork
+
+    steps = timesteps or model.timesteps
+    network = SpikingNetwork(model)
+    batch = max(1, EVAL_BATCH // steps)
+    with torch.no_grad():
+        return torch.cat([network(images[i : i + batch], steps)[-1] for i in range(0, len(images), batch)])
+
+
+def agreement(model: SpikingModel, images: torch.Tensor, teacher_predictions: torch.Tensor, timesteps: int | None = None) -> float:
+    """Fraction of images on which the SNN predicts the teacher's class."""
+    if len(images) == 0:
+        return float("nan")
+    return float((snn_logits(model, images, timesteps).argmax(1) == teacher_predictions).float().mean())
+
+
+def teacher_logits(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
+    network = teacher.network
+    with torch.no_grad():
+        return torch.cat([network(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
+
+
+def train_spiking(
+    model: SpikingModel,
+    teacher_network: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: int,
+    steps: int,
+    config: TrainConfig,
+    formats: dict[str, str] | None = None,
+    progress: Progress = no_progress,
+    task: str = "train",
+    latent: bool = False,
+) -> tuple[SpikingModel, dict]:
+    """Distil the teacher into the SNN for ``steps`` Adam steps at ``timesteps``; returns the trained model and loss figures.
+
+    ``formats`` (layer -> "float", "int8" or "binary") sets what the forward pass
+    sees; with ``latent`` the returned weights are the latent float ones (to
+    continue training), else the quantized ones.
+    """
+    network = TrainingNetwork(model, config.surrogate_width, formats)
+    if steps <= 0:
+        return network.spiking_model(timesteps, latent), {"steps": 0}
+    device = torch.device(config.device)
+    network.to(device)
+    teacher_network = teacher_network.to(device)
+    generator = torch.Generator().manual_seed(config.seed + 104729 * timesteps)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    temperature = config.temperature
+    losses = []
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
+    for step in range(steps):
+        if cursor + config.batch_size > len(order):
+            order, cursor = torch.randperm(len(images), generator=generator), 0
+        index = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        batch, targets = images[index], labels[index]
+        if config.augment:
+            batch = _augment(batch, generator)
+        second, kept = targets, 1.0
+        draw = float(torch.rand((), generator=generator))
+        if draw < config.cutmix:
+            batch, second, kept = _cutmix(batch, targets, generator)
+        elif draw < config.cutmix + config.mixup:
+            batch, second, kept = _mixup(batch, targets, generator)
+        inputs = _rate_code(batch, timesteps, model.normalize, generator) if config.coding == "rate" and timesteps > 1 else batch
+        batch, inputs, targets, second = batch.to(device), inputs.to(device), targets.to(device), second.to(device)
+        with torch.no_grad():
+            soft = F.softmax(teacher_network(batch) / temperature, dim=1)
+        logits = network(inputs, timesteps, len(batch))
+        distill = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature**2
+        cross_entropy = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, second)
+        loss = distill + config.ce_weight * cross_entropy
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        progress(task, step + 1, steps)
+    tail = losses[-max(1, steps // 10) :]
+    network.to("cpu")
+    teacher_network.to("cpu")
+    return network.spiking_model(timesteps, latent), {"steps": steps, "loss_first": round(losses[0], 4), "loss_last": round(sum(tail) / len(tail), 4)}
+
+
+# ---------------------------------------------------------------------------
+# T=1 threshold calibration
+
+
+def _best_amplitude(currents: torch.Tensor, candidates: int = 48) -> torch.Tensor:
+    """Per channel (rows of ``currents``), the a minimising Σ (ReLU(I) − a·[I ≥ a/2])²."""
+    target = currents.clamp_min(0)
+    top = target.amax(1).clamp_min(1e-6)
+    grid = torch.linspace(0.02, 1.0, candidates).reshape(-1, 1, 1) * top.reshape(1, -1, 1)  # K×C×1
+    error = (target.unsqueeze(0) - grid * (currents.unsqueeze(0) >= grid / 2)).square().sum(2)  # K×C
+    return grid[error.argmin(0), torch.arange(len(top)), 0]
+
+
+def calibrate_one_step(model: SpikingModel, images: torch.Tensor, samples_per_channel: int = 4096, seed: int = 0) -> SpikingModel:
+    """Thresholds for T=1, layer by layer in order: θ = the best spike amplitude on the SNN's own input currents."""
+    from .convert import SpikingNetwork
+
+    generator = torch.Generator().manual_seed(seed)
+    thresholds = dict(model.thresholds)
+    for name, theta in model.thresholds.items():
+        current_model = replace(model, thresholds=thresholds, timesteps=1)
+        simulator = SpikingNetwork(current_model)
+        captured: list[torch.Tensor] = []
+        handle = simulator.network.layer(name).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach()))
+        with torch.no_grad():
+            for start in range(0, len(images), EVAL_BATCH):
+                simulator(images[start : start + EVAL_BATCH], 1)
+        handle.remove()
+        currents = torch.cat(captured)
+        channels = currents.transpose(0, 1).reshape(currents.shape[1], -1) if theta.dim() == 1 else currents.reshape(1, -1)
+        if channels.shape[1] > samples_per_channel:
+            channels = channels[:, torch.randint(0, channels.shape[1], (samples_per_channel,), generator=generator)]
+        amplitude = _best_amplitude(channels)
+        thresholds[name] = amplitude if theta.dim() == 1 else amplitude.reshape(())
+    return replace(model, thresholds=thresholds, timesteps=1)
+
+
+# ---------------------------------------------------------------------------
+# Weight similarity to the ANN
+
+
+def weight_cosines(reference: Graph, reference_thresholds: dict[str, torch.Tensor], model: SpikingModel) -> dict[str, float]:
+    """Per conv/linear layer: cosine between the model's and the reference's weights, each divided per output channel by the θ of the neuron it drives.
+
+    Both sides are scaled the way a binary-spike deployment stores them (W/θ_out), so a
+    uniform rescaling of a channel does not count as a change.
+    """
+    driven = _driven_neurons(model.graph)
+    cosines = {}
+    for node in model.graph.weighted():
+        if node.name not in reference:
+            continue
+        ours, theirs = node.params["weight"], reference[node.name].params["weight"]
+        neuron = driven.get(node.name)
+        if neuron is not None:
+            ours = _per_channel_divide(ours, model.thresholds[neuron])
+            theirs = _per_channel_divide(theirs, reference_thresholds[neuron])
+        cosines[node.name] = round(float(F.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)), 4)
+    return cosines
+
+
+def _per_channel_divide(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    if theta.dim() == 1 and theta.numel() == weight.shape[0]:
+        return weight / theta.reshape(-1, *([1] * (weight.dim() - 1)))
+    return weight / theta
+
+
+def _driven_neurons(graph: Graph) -> dict[str, str]:
+    """conv/linear name -> the neuron its output feeds directly (None through adds)."""
+    result = {}
+    for node in graph.weighted():
+        consumers = graph.consumers(node.name)
+        if len(consumers) == 1 and consumers[0].op == "relu":
+            result[node.name] = consumers[0].name
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+def _check(config: PrivatizeConfig, model: SpikingModel, synthetic: SyntheticSet) -> None:
+    if config.timesteps < 1:
+        raise PrivatizeError(f"timesteps {config.timesteps} must be at least 1")
+    if config.temporal_steps < 0 or config.final_steps < 0:
+        raise PrivatizeError("training steps must be ≥ 0")
+    if any(not isinstance(t, int) or t < 1 for t in config.schedule):
+        raise PrivatizeError(f"schedule {list(config.schedule)}: expected positive integers (timesteps)")
+    check_device(config.train.device)
+    if not 0 <= config.holdout < 0.5:
+        raise PrivatizeError(f"holdout {config.holdout} must be in [0, 0.5)")
+    if config.train.coding not in CODINGS:
+        raise PrivatizeError(f"coding {config.train.coding!r} is unknown; valid: {', '.join(CODINGS)}")
+    if not (0 <= config.train.cutmix and 0 <= config.train.mixup and config.train.cutmix + config.train.mixup <= 1):
+        raise PrivatizeError(f"cutmix {config.train.cutmix} and mixup {config.train.mixup} must be shares of batches that add up to at most 1")
+    if config.train.batch_size < 1 or config.train.lr <= 0 or config.train.temperature <= 0:
+        raise PrivatizeError("batch size, learning rate and temperature must be positive")
+    if tuple(synthetic.images.shape[1:]) != tuple(model.input_shape):
+        raise PrivatizeError(f"synthetic images have shape {tuple(synthetic.images.shape[1:])} but the model expects {model.input_shape}")
+    if len(synthetic.labels) < 2 * model.num_classes:
+        raise PrivatizeError(f"{len(synthetic.labels)} synthetic images are too few to train on (need at least {2 * model.num_classes})")
+
+
+def check_device(device: str) -> None:
+    """A usable torch device, or a one-line error."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PrivatizeError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PrivatizeError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    if parsed.type not in ("cpu", "cuda"):
+        raise PrivatizeError(f"device {device!r}: only cpu and cuda are supported")
+
+
+def phase_timesteps(config: PrivatizeConfig) -> list[int]:
+    """T of each training phase: the schedule's values above the final T, in decreasing order, then the final T."""
+    return sorted({t for t in config.schedule if t > config.timesteps}, reverse=True) + [config.timesteps]
+
+
+def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, config: PrivatizeConfig = PrivatizeConfig(), progress: Progress = no_progress) -> SpikingModel:
+    """Retrain the converted SNN through time on synthetic images and reduce it to ``config.timesteps``."""
+    _check(config, model, synthetic)
+    started = time.perf_counter()
+    torch.manual_seed(config.train.seed)
+    train_index, held_index = split_holdout(synthetic.labels, config.holdout, config.train.seed)
+    images, labels = synthetic.images[train_index], synthetic.labels[train_index]
+    held_images = synthetic.images[held_index]
+    teacher_network = teacher.network
+    held_teacher = teacher_logits(teacher, held_images).argmax(1)
+    converted = model
+    phases = []
+    timeline = phase_timesteps(config)
+    for timesteps, steps in zip(timeline, [config.temporal_steps] * (len(timeline) - 1) + [config.final_steps]):
+        phase = {"timesteps": timesteps, "agreement_before": round(agreement(model, held_images, held_teacher, timesteps), 4)}
+        if timesteps == 1 and config.calibrate:
+            calibrated = calibrate_one_step(model, images[:1024], seed=config.train.seed)
+            calibrated_agreement = agreement(calibrated, held_images, held_teacher, 1)
+            phase["calibrated_agreement"] = round(calibrated_agreement, 4)
+            phase["calibration_kept"] = calibrated_agreement > phase["agreement_before"]
+            if phase["calibration_kept"]:
+                model = calibrated
+        phase_started = time.perf_counter()
+        train_config = replace(config.train, seed=config.train.seed + len(phases))
+        model, losses = train_spiking(model, teacher_network, images, labels, timesteps, steps, train_config, progress=progress, task=f"train T={timesteps}")
+        phase.update(losses)
+        phase["agreement_after"] = round(agreement(model, held_images, held_teacher, timesteps), 4)
+        phase["seconds"] = round(time.perf_counter() - phase_started, 2)
+        phases.append(phase)
+    cosine_after = weight_cosines(converted.graph, converted.thresholds, model)
+    metrics = {
+        "timesteps": config.timesteps,
+        "phases": phases,
+        "holdout_images": len(held_index),
+        "train_images": len(train_index),
+        "holdout_agreement": phases[-1]["agreement_after"],
+        "weight_cosine_before": weight_cosines(converted.graph, converted.thresholds, converted),  # 1.0: conversion keeps the ANN's (BN-folded) weights
+        "weight_cosine_after": cosine_after,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return replace(model, timesteps=config.timesteps, config={"convert": converted.config, "privatize": asdict(config)}, metrics=dict(converted.metrics, privatize=metrics))
+
+
+__all__ = [
+    "PrivatizeConfig",
+    "TrainConfig",
+    "TrainableIF",
+    "TrainingNetwork",
+    "agreement",
+    "binary_weight",
+    "calibrate_one_step",
+    "check_device",
+    "int8_weight",
+    "phase_timesteps",
+    "privatize",
+    "quantize",
+    "snn_logits",
+    "split_holdout",
+    "teacher_logits",
+    "train_spiking",
+    "weight_cosines",
+]

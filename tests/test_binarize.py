@@ -1,0 +1,87 @@
+"""Adaptive binarization of a one-timestep SNN of the real zoo ResNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgesnn.binarize import BinarizeConfig, binarize, binary_share, model_bytes, weight_error
+from edgesnn.convert import ConvertConfig, convert
+from edgesnn.errors import BinarizeError
+from edgesnn.privatize import PrivatizeConfig, TrainConfig, binary_weight, int8_weight, privatize
+
+
+@pytest.fixture(scope="module")
+def one_step(resnet_teacher, resnet_synthetic):
+    converted = convert(resnet_teacher, resnet_synthetic, ConvertConfig(timesteps=2))
+    config = PrivatizeConfig(timesteps=1, schedule=(), final_steps=30, train=TrainConfig(batch_size=64))
+    return privatize(converted, resnet_teacher, resnet_synthetic, config)
+
+
+@pytest.fixture(scope="module")
+def binarized(one_step, resnet_teacher, resnet_synthetic):
+    config = BinarizeConfig(max_loss=100.0, step_steps=3, final_steps=5, holdout=0.2, train=TrainConfig(batch_size=64, lr=5e-4))
+    return binarize(one_step, resnet_teacher, resnet_synthetic, config)
+
+
+def test_binary_layers_hold_exactly_two_values_per_output_channel(binarized) -> None:
+    binary = [node for node in binarized.graph.weighted() if node.attrs["weight_format"] == "binary"]
+    assert binary, "with a 100-point budget every candidate layer is binarized"
+    for node in binary:
+        weight = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
+        for row in weight:
+            values = row.unique()
+            assert len(values) <= 2 and torch.allclose(values.abs(), values.abs()[0].expand_as(values))
+
+
+def test_other_layers_are_int8_and_first_and_last_stay_int8(binarized) -> None:
+    weighted = binarized.graph.weighted()
+    assert weighted[0].attrs["weight_format"] == "int8" and weighted[-1].attrs["weight_format"] == "int8"
+    for node in weighted:
+        if node.attrs["weight_format"] != "int8":
+            continue
+        weight = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
+        scale = weight.abs().amax(1, keepdim=True) / 127
+        steps = weight / scale
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+def test_binarization_shrinks_the_model(one_step, binarized) -> None:
+    assert binary_share(binarized) > 0.9  # every middle layer of the ResNet is binary
+    assert model_bytes(binarized) * 8 < model_bytes(one_step)
+    assert binarized.metrics["binarize"]["binary_fraction"] == pytest.approx(binary_share(binarized), abs=1e-4)
+
+
+def test_layer_choice_follows_the_estimator(one_step, resnet_teacher, resnet_synthetic) -> None:
+    # No fine-tuning and a storage target of 0.1%: exactly one layer is binarized, the one with the lowest measured drop.
+    config = BinarizeConfig(max_loss=100.0, binary_fraction=0.001, step_steps=0, final_steps=0, holdout=0.2)
+    model = binarize(one_step, resnet_teacher, resnet_synthetic, config)
+    metrics = model.metrics["binarize"]
+    candidates = {name: layer for name, layer in metrics["layers"].items() if "agreement_drop" in layer}
+    chosen = [name for name, layer in metrics["layers"].items() if layer["weight_format"] == "binary"]
+    best = min(candidates, key=lambda name: (candidates[name]["agreement_drop"], candidates[name]["weight_error"]))
+    assert chosen == [best] == [metrics["steps"][0]["layer"]]
+
+
+def test_a_step_over_budget_is_undone(one_step, resnet_teacher, resnet_synthetic) -> None:
+    config = BinarizeConfig(max_loss=0.0, step_steps=0, final_steps=0, holdout=0.2)
+    model = binarize(one_step, resnet_teacher, resnet_synthetic, config)
+    steps = model.metrics["binarize"]["steps"]
+    for step in steps:
+        assert step["accepted"] == (step["agreement_after"] >= model.metrics["binarize"]["agreement_int8"])
+    accepted = {step["layer"] for step in steps if step["accepted"]}
+    assert accepted == {node.name for node in model.graph.weighted() if node.attrs["weight_format"] == "binary"}
+
+
+def test_weight_error_of_binary_and_int8_quantizers() -> None:
+    weight = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert weight_error(binary_weight(weight)) == pytest.approx(0.0, abs=1e-6)
+    # For Gaussian weights the optimal α·sign keeps 2/π of the energy.
+    assert weight_error(weight) == pytest.approx(1 - 2 / torch.pi, abs=0.08)
+    assert torch.allclose(int8_weight(weight), weight, atol=float(weight.abs().max()) / 127)
+
+
+@pytest.mark.parametrize("config, fragment", [(BinarizeConfig(max_loss=-1), "max loss"), (BinarizeConfig(binary_fraction=1.5), "binary fraction"), (BinarizeConfig(holdout=0.0), "holdout")])
+def test_bad_configuration_is_a_clear_error(one_step, resnet_teacher, resnet_synthetic, config, fragment) -> None:
+    with pytest.raises(BinarizeError, match=fragment):
+        binarize(one_step, resnet_teacher, resnet_synthetic, config)
