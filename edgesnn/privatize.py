@@ -9,10 +9,12 @@ and the Heaviside step H gets a triangular surrogate derivative in the backward
 pass, ∂s/∂v = max(0, 1 − |v/θ − 1|)/θ, so gradients reach the weights and the
 (per-channel, trainable) thresholds θ. The loss distils the teacher,
 
-    L = τ²·KL(softmax(z_ANN/τ) ‖ softmax(z_SNN/τ)) + λ·CE(z_SNN, y),
+    L = τ²·KL(softmax(z_ANN/τ) ‖ softmax(z_SNN/τ)) + λ·CE(z_SNN, y) + β·Σ_l ‖ō_l − min(a_l, θ_l)‖² / ‖min(a_l, θ_l)‖² / L,
 
 where z_SNN is the SNN's output averaged over T steps, z_ANN the teacher's
-logits on the same (augmented) synthetic image and y its synthetic label.
+logits on the same (augmented) synthetic image and y its synthetic label; the
+optional last term matches each spiking layer's output ō_l (averaged over T)
+to the teacher's ReLU output a_l clipped at θ_l.
 
 Training runs in phases of decreasing T (e.g. 4 → 2 → 1). At T=1 with v(0) = θ/2
 a layer is stateless, out = θ·[W·x + b ≥ θ/2]; before the T=1 phase each
@@ -54,8 +56,9 @@ class TrainConfig:
     temperature: float = 4.0  # τ of the distillation loss
     ce_weight: float = 0.5  # λ: weight of cross-entropy on the synthetic labels
     augment: bool = True  # random ±2 px shift and horizontal flip of each batch
-    cutmix: float = 0.5  # share of batches mixed by CutMix (teacher targets follow the mix)
-    mixup: float = 0.0  # share of batches blended by mixup (λ uniform); the rest are plain
+    cutmix: float = 0.4  # share of batches mixed by CutMix (teacher targets follow the mix)
+    mixup: float = 0.3  # share of batches blended by mixup (λ uniform); the rest are plain
+    feature_weight: float = 0.0  # β of layer-wise feature distillation; off: 1.0 did not help the VGG (BENCHMARKS.md, tuning runs)
     coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
     surrogate_width: float = 1.0  # half-width of the triangular surrogate, in units of θ
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
@@ -306,6 +309,39 @@ def teacher_logits(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([network(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
 
 
+class _FeatureMatching:
+    """Forward hooks that keep each spiking layer's output and the teacher's ReLU output at the same node."""
+
+    def __init__(self, network: TrainingNetwork, teacher_network: nn.Module):
+        self.student: dict[str, torch.Tensor] = {}
+        self.teacher: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in network.model.thresholds:
+            self.handles.append(network.neurons[name.replace(".", "__")].register_forward_hook(self._keep(self.student, name)))
+            self.handles.append(teacher_network.layer(name).register_forward_hook(self._keep(self.teacher, name)))
+
+    @staticmethod
+    def _keep(store: dict, name: str):
+        def hook(module, inputs, output):
+            store[name] = output
+
+        return hook
+
+    def loss(self, network: TrainingNetwork, timesteps: int) -> torch.Tensor:
+        terms = []
+        for name, target in self.teacher.items():
+            student = self.student[name]
+            student = student.reshape(timesteps, -1, *student.shape[1:]).mean(0) if student.shape[0] != target.shape[0] else student
+            theta = network.neurons[name.replace(".", "__")].theta(target).detach()
+            target = torch.minimum(target.detach(), theta)
+            terms.append((student - target).square().mean() / target.square().mean().clamp_min(1e-8))
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def train_spiking(
     model: SpikingModel,
     teacher_network: nn.Module,
@@ -335,6 +371,7 @@ def train_spiking(
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     temperature = config.temperature
+    features = _FeatureMatching(network, teacher_network) if config.feature_weight > 0 else None
     losses = []
     order = torch.randperm(len(images), generator=generator)
     cursor = 0
@@ -360,6 +397,8 @@ def train_spiking(
         distill = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature**2
         cross_entropy = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, second)
         loss = distill + config.ce_weight * cross_entropy
+        if features is not None:
+            loss = loss + config.feature_weight * features.loss(network, timesteps)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -367,6 +406,8 @@ def train_spiking(
         losses.append(float(loss.detach()))
         progress(task, step + 1, steps)
     tail = losses[-max(1, steps // 10) :]
+    if features is not None:
+        features.remove()
     network.to("cpu")
     teacher_network.to("cpu")
     return network.spiking_model(timesteps, latent), {"steps": steps, "loss_first": round(losses[0], 4), "loss_last": round(sum(tail) / len(tail), 4)}

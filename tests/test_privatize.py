@@ -118,6 +118,7 @@ def test_phases_descend_to_the_final_timestep() -> None:
         (PrivatizeConfig(train=TrainConfig(coding="morse")), "coding 'morse'"),
         (PrivatizeConfig(train=TrainConfig(device="cuda:7")), "device"),
         (PrivatizeConfig(holdout=0.7), "holdout"),
+        (PrivatizeConfig(train=TrainConfig(cutmix=0.8, mixup=0.5)), "cutmix 0.8 and mixup 0.5"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(converted, resnet_teacher, resnet_synthetic, config, fragment) -> None:
@@ -125,3 +126,13 @@ def test_bad_configuration_is_a_clear_error(converted, resnet_teacher, resnet_sy
         pytest.skip("CUDA is available here")
     with pytest.raises(PrivatizeError, match=fragment):
         privatize(converted, resnet_teacher, resnet_synthetic, config)
+
+
+def test_feature_distillation_trains_and_leaves_no_hooks(converted, resnet_teacher, resnet_synthetic) -> None:
+    from edgesnn.privatize import train_spiking
+
+    teacher_network = resnet_teacher.network
+    model, losses = train_spiking(converted, teacher_network, resnet_synthetic.images, resnet_synthetic.labels, 1, 4, TrainConfig(batch_size=32, feature_weight=1.0))
+    assert losses["steps"] == 4 and losses["loss_last"] == losses["loss_last"]  # finite, not NaN
+    assert all(not layer._forward_hooks for layer in teacher_network.layers.values())
+    assert model.timesteps == 1
