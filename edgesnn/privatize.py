@@ -39,7 +39,7 @@ from torch import nn
 
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import PrivatizeError
-from .graph import Graph, GraphNetwork
+from .graph import Graph, GraphNetwork, module_key
 
 CODINGS = ("direct", "rate")
 WEIGHT_FORMATS = ("float", "int8", "binary")
@@ -189,8 +189,8 @@ class TrainingNetwork(nn.Module):
     def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None):
         super().__init__()
         self.model = model
-        self.neurons = nn.ModuleDict({name.replace(".", "__"): TrainableIF(theta, model.initial_membrane, width) for name, theta in model.thresholds.items()})
-        self.network = GraphNetwork(model.graph, {name: self.neurons[name.replace(".", "__")] for name in model.thresholds})
+        self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width) for name, theta in model.thresholds.items()})
+        self.network = GraphNetwork(model.graph, {name: self.neurons[module_key(name)] for name in model.thresholds})
         self.formats = {node.name: weight_format(model.graph, node.name) for node in model.graph.weighted()}
         self.formats.update(formats or {})
         for name, kind in self.formats.items():
@@ -222,7 +222,7 @@ class TrainingNetwork(nn.Module):
             layer = self.network.layer(node.name)
             for key in node.params:
                 node.params[key] = getattr(layer, key).detach().clone()
-        thresholds = {name: self.neurons[name.replace(".", "__")].threshold.detach().clamp_min(1e-4).clone() for name in self.model.thresholds}
+        thresholds = {name: self.neurons[module_key(name)].threshold.detach().clamp_min(1e-4).clone() for name in self.model.thresholds}
         return replace(self.model, graph=graph, thresholds=thresholds, timesteps=timesteps)
 
 
@@ -317,7 +317,7 @@ class _FeatureMatching:
         self.teacher: dict[str, torch.Tensor] = {}
         self.handles = []
         for name in network.model.thresholds:
-            self.handles.append(network.neurons[name.replace(".", "__")].register_forward_hook(self._keep(self.student, name)))
+            self.handles.append(network.neurons[module_key(name)].register_forward_hook(self._keep(self.student, name)))
             self.handles.append(teacher_network.layer(name).register_forward_hook(self._keep(self.teacher, name)))
 
     @staticmethod
@@ -332,7 +332,7 @@ class _FeatureMatching:
         for name, target in self.teacher.items():
             student = self.student[name]
             student = student.reshape(timesteps, -1, *student.shape[1:]).mean(0) if student.shape[0] != target.shape[0] else student
-            theta = network.neurons[name.replace(".", "__")].theta(target).detach()
+            theta = network.neurons[module_key(name)].theta(target).detach()
             target = torch.minimum(target.detach(), theta)
             terms.append((student - target).square().mean() / target.square().mean().clamp_min(1e-8))
         return torch.stack(terms).mean()
