@@ -89,6 +89,14 @@ class SpikingModel:
     normalize: Normalize | None  # per-channel (mean, std) on [0,1] pixels, inherited from the teacher
     config: dict[str, Any] = field(default_factory=dict)  # the ConvertConfig used, as plain values
     metrics: dict[str, Any] = field(default_factory=dict)  # calibration figures (images used, seconds, ...)
+    # Spike amplitude per neuron node, a scalar tensor, where it differs from θ: a spike then
+    # carries a·s instead of θ·s. binarize sets one per layer, so that a binary layer's input
+    # is one scale times a binary map and the layer can run as popcounts. Empty: amplitude = θ.
+    amplitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def amplitude(self, name: str) -> torch.Tensor:
+        """The amplitude of neuron ``name``'s spikes: its own entry, else its threshold θ."""
+        return self.amplitudes.get(name, self.thresholds[name])
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,95 @@ def _with_formats(model: SpikingModel, formats: dict[str, str]) -> SpikingModel:
     return replace(model, graph=graph)
 
 
+# Ops through which a per-channel factor passes unchanged to the next weighted layer.
+_CHANNELWISE = ("avgpool", "maxpool", "adaptive_avgpool", "global_mean", "identity")
+
+
+def _carry_ratio(graph, node, ratio: torch.Tensor) -> torch.Tensor | None:
+    """The per-channel factor on ``node``'s output given ``ratio`` on its input; None where channels mix."""
+    source_shape = graph[node.inputs[0]].shape
+    if node.op in _CHANNELWISE:
+        return ratio
+    if node.op == "slice" and node.attrs["dim"] != 1:
+        return ratio
+    if node.op == "pad":
+        pad = list(node.attrs["pad"]) + [0] * (2 * len(source_shape) - len(node.attrs["pad"]))
+        front, back = pad[-2:]  # F.pad order: the channel dimension comes last
+        return torch.cat([torch.ones(front), ratio, torch.ones(back)])  # added channels are zero: any factor fits
+    if node.op == "reshape" and len(source_shape) == 3 and len(node.shape) == 1 and ratio.numel() == source_shape[0]:
+        return ratio.repeat_interleave(source_shape[1] * source_shape[2])  # flatten is channel-major
+    return None
+
+
+def _scale_rows(node, factor: torch.Tensor) -> None:
+    """Multiply a conv/linear's output channels (weight rows and bias) by ``factor``."""
+    weight = node.params["weight"]
+    node.params["weight"] = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    node.params["bias"] = node.params.get("bias", torch.zeros(weight.shape[0])) * factor
+
+
+def _rescale_add(graph, add, source: str, ratio: torch.Tensor, thresholds: dict[str, torch.Tensor]) -> bool:
+    """Spikes from ``source`` now enter ``add`` divided by ``ratio`` (per channel). Divide the add's other
+    inputs and the thresholds of the neurons it feeds by the same, which changes no spike. False (and
+    nothing changed) where that is impossible: another input is not a conv/linear feeding only this add,
+    or the add feeds something other than neurons."""
+    others = [graph[name] for name in add.inputs if name != source]
+    consumers = graph.consumers(add.name)
+    if not consumers or any(node.op != "relu" for node in consumers):
+        return False
+    if any(node.op not in ("conv", "linear") or len(graph.consumers(node.name)) != 1 or node.params["weight"].shape[0] != ratio.numel() for node in others):
+        return False
+    for node in others:
+        _scale_rows(node, 1 / ratio)
+    for node in consumers:
+        theta = thresholds[node.name]
+        thresholds[node.name] = (theta if theta.dim() == 1 else theta.expand(ratio.numel())) / ratio
+    return True
+
+
+def shared_amplitudes(model: SpikingModel) -> tuple[SpikingModel, bool]:
+    """One spike amplitude per layer, a = the mean of its per-channel amplitudes; thresholds stay per channel.
+
+    A binary layer computes α·Σ sign(W)·x; only when its input x is one scale
+    times a binary map can that run as popcounts on the device. A spike of
+    channel c carried θ_c (r_c = θ_c/a times the new amplitude). Each
+    conv/linear fed through channel-wise ops (pooling, padding, flatten)
+    multiplies its input columns by r_c. Where the spikes enter a residual add
+    directly, the add's other input (a conv) and the thresholds of the neurons
+    after the add are divided by r_c instead. Either way no spike changes.
+    Returns the model and whether the rewrite was exact everywhere (False
+    where spikes met an op that mixes channels; fine-tuning then recovers).
+    """
+    graph = model.graph.copy()
+    thresholds = {name: theta.clone() for name, theta in model.thresholds.items()}
+    original = {name: model.amplitude(name).clone() for name in model.thresholds}
+    amplitudes = dict(model.amplitudes)
+    exact = True
+    for neuron in graph.neurons():
+        if neuron.name in model.amplitudes:
+            continue
+        amplitude = original[neuron.name]
+        amplitudes[neuron.name] = amplitude.mean().reshape(())
+        if amplitude.dim() == 0:
+            continue
+        pending = [(neuron.name, amplitude / amplitude.mean())]
+        while pending:
+            name, ratio = pending.pop()
+            for consumer in graph.consumers(name):
+                if consumer.op == "conv" and consumer.attrs.get("groups", 1) == 1 and consumer.params["weight"].shape[1] == ratio.numel():
+                    consumer.params["weight"] = consumer.params["weight"] * ratio.reshape(1, -1, 1, 1)
+                elif consumer.op == "linear" and consumer.params["weight"].shape[1] == ratio.numel():
+                    consumer.params["weight"] = consumer.params["weight"] * ratio.reshape(1, -1)
+                elif consumer.op == "add":
+                    exact = _rescale_add(graph, consumer, name, ratio, thresholds) and exact
+                else:
+                    carried = _carry_ratio(graph, consumer, ratio)
+                    exact = exact and carried is not None
+                    if carried is not None:
+                        pending.append((consumer.name, carried))
+    return replace(model, graph=graph, thresholds=thresholds, amplitudes=amplitudes), exact
+
+
 def weight_error(weight: torch.Tensor) -> float:
     """‖W − α·sign(W)‖² / ‖W‖²: the relative error binarization makes in a layer."""
     return float((weight - binary_weight(weight)).square().sum() / weight.square().sum().clamp_min(1e-12))
@@ -86,7 +175,7 @@ def model_bytes(model: SpikingModel) -> int:
                 total += {"binary": -(-tensor.numel() // 8) + 4 * channels, "int8": tensor.numel() + 4 * channels}.get(kind, 4 * tensor.numel())
             elif key not in ("running_mean", "running_var", "num_batches_tracked") or node.op == "batchnorm":
                 total += 4 * tensor.numel()
-    return total + 4 * sum(theta.numel() for theta in model.thresholds.values())
+    return total + 4 * sum(theta.numel() for theta in model.thresholds.values()) + 4 * len(model.amplitudes)
 
 
 def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet) -> None:
@@ -123,9 +212,12 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     fixed = {weighted[0].name, weighted[-1].name} if config.keep_first_last else set()
     formats = {node.name: "int8" for node in weighted}
 
-    # Start: every layer int8, fine-tuned to the teacher so that the budget is measured from there.
-    # ``current`` holds the latent float weights; _with_formats gives what is deployed.
+    # Start: one spike amplitude per layer, every layer int8, fine-tuned to the teacher so that
+    # the budget is measured from there. ``current`` holds the latent float weights;
+    # _with_formats gives what is deployed.
     start_agreement = agreement(model, held_images, held_teacher, timesteps)
+    model, shared_exact = shared_amplitudes(model)
+    shared_agreement = agreement(model, held_images, held_teacher, timesteps)
     current, _ = train_spiking(model, teacher_network, images, labels, timesteps, config.step_steps, config.train, formats, progress, "int8", latent=True)
     baseline = agreement(_with_formats(current, formats), held_images, held_teacher, timesteps)
     floor = baseline - config.max_loss / 100
@@ -173,6 +265,8 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     metrics = {
         "binary_fraction": round(sum(sizes[n] for n, f in formats.items() if f == "binary") / total, 5),
         "agreement_start": round(start_agreement, 4),
+        "agreement_shared_amplitudes": round(shared_agreement, 4),
+        "shared_amplitudes_exact": shared_exact,
         "agreement_int8": round(baseline, 4),
         "agreement_final": round(final_agreement, 4),
         "max_loss": config.max_loss,
@@ -185,4 +279,4 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     return replace(current, config=config_record, metrics=dict(model.metrics, binarize=metrics))
 
 
-__all__ = ["BinarizeConfig", "binarize", "binary_share", "model_bytes", "weight_error"]
+__all__ = ["BinarizeConfig", "binarize", "binary_share", "model_bytes", "shared_amplitudes", "weight_error"]

@@ -150,6 +150,7 @@ INITIAL_MEMBRANE = typer.Option(0.5, "--initial-membrane", help="Initial membran
 DATA_HELP = "Real labelled images: an IDX folder (MNIST layout, .gz or not), an .npz with x and y, a CIFAR-10 batches folder, or 'packaged' (2,000 Fashion-MNIST test images shipped with edgesnn)."
 NORMALIZE = typer.Option(None, "--normalize", help="MEAN:STD per channel applied to pixels in [0,1], e.g. 0.485,0.456,0.406:0.229,0.224,0.225 (default: the model's own, if known).")
 LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N images.")
+TARGETS_HELP = "Export formats, comma-separated: onnx (model.onnx), c (c/: C99 firmware with 1-bit weights, `make -C c check`), or all (those the model allows; c needs T=1)."
 SPLIT = typer.Option("test", "--split", help="Split of an IDX/CIFAR folder: test or train.")
 
 
@@ -285,7 +286,13 @@ def eval_command(
     trust_pickle: bool = TRUST_PICKLE,
     json_output: bool = JSON,
 ) -> None:
-    """Report ANN and SNN accuracy on real images for each T."""
+    """Report ANN and SNN accuracy on real images for each T.
+
+    On a build folder with exported artifacts it also runs each of them (ONNX
+    in onnxruntime, the C firmware compiled with the local compiler) and
+    reports its accuracy and agreement with the PyTorch model; the C logits are
+    compared bit for bit with edgesnn's integer reference.
+    """
     from .convert import convert
     from .evaluate import evaluate, parse_timesteps
     from .pipeline import EvalConfig, load_eval_data, report_json, resolve_model
@@ -300,10 +307,77 @@ def eval_command(
             synthetic = synthesize(teacher, _synth_config(count, "auto", None, None, seed), bars)
             snn = convert(teacher, synthetic, ConvertConfig(seed=seed), bars)
         report = evaluate(teacher, snn, images, steps, bars)
+    bundle = _bundle_runtimes(target, images)
     if json_output:
-        _print_json(report_json(report))
+        document = report_json(report)
+        if bundle is not None:
+            document["runtimes"] = bundle["runtimes"]
+        _print_json(document)
     else:
         _render_report(report)
+        if bundle is not None:
+            _render_runtimes(bundle)
+
+
+def _bundle_runtimes(target: str, images) -> dict | None:
+    """Per-runtime figures of a build folder whose model was exported; None for anything else."""
+    from .pipeline import MANIFEST, evaluate_bundle
+
+    folder = Path(target)
+    if not folder.is_dir() or not (folder / MANIFEST).is_file():
+        return None
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if "export" not in manifest.get("stages", {}):
+        return None
+    return evaluate_bundle(folder, images)
+
+
+def _render_runtimes(bundle: dict) -> None:
+    table = Table(title=f"{bundle['model']} (T={bundle['timesteps']}) in each runtime", title_justify="left")
+    for column in ("runtime", "images", "accuracy", "agrees with PyTorch", "bit-exact with integer reference"):
+        table.add_column(column, justify="left" if column == "runtime" else "right")
+    for name, entry in bundle["runtimes"].items():
+        exact = entry.get("bit_exact")
+        table.add_row(
+            name,
+            str(entry["images"]),
+            f"{entry['accuracy']:.2%}",
+            f"{entry['agreement']:.2%}" if "agreement" in entry else "",
+            "" if exact is None else ("yes" if exact else f"no ({entry['bit_exact_images']} of {entry['images']})"),
+        )
+    stderr.print(table)
+
+
+@app.command("export")
+@_handle_errors
+def export_command(
+    target: str = typer.Argument(..., help="A build folder (its final model) or a spiking model file (snn.pt, private.pt, binary.pt)."),
+    targets: str = typer.Option("all", "--targets", help=TARGETS_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the build folder itself, else ./export)."),
+    json_output: bool = JSON,
+) -> None:
+    """Export a spiking model for deployment: ONNX and C firmware with bit-packed binary layers.
+
+    The C folder builds with `make` (C99, -Wall -Wextra -Werror) into a harness that reads raw
+    uint8 images and prints int64 logits; `make check` compares them with golden logits.
+    Check every artifact on real images with: edgesnn eval FOLDER --data …
+    """
+    from .pipeline import export_to
+
+    folder = out if out is not None else (Path(target) if Path(target).is_dir() else Path("export"))
+    summary = export_to(target, targets, folder)
+    summary["out"] = str(folder)
+    if json_output:
+        _print_json(summary)
+        return
+    table = Table(title=f"{summary['model']} (T={summary['timesteps']}) → {folder}", title_justify="left")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for name in summary["files"]:
+        table.add_row(name, f"{(folder / name).stat().st_size:,}")
+    stderr.print(table)
+    if "c" in summary:
+        stderr.print(f"C firmware: {summary['c']['constant_bytes']:,} bytes of constants, {summary['c']['arena_bytes']:,} bytes of static RAM (arena); build with: make -C {folder / 'c'}")
 
 
 @app.command("build")
@@ -335,6 +409,7 @@ def build_command(
     eval_normalize: Optional[str] = typer.Option(None, "--eval-normalize", help="MEAN:STD for --eval-data (default: the model's own, if known)."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
     eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data (a retrained model: those up to its T)."),
+    targets: str = typer.Option("all", "--targets", help=TARGETS_HELP + " 'none' skips the export."),
     seed: int = SEED,
     arch: Optional[str] = ARCH,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -388,6 +463,7 @@ def build_command(
         privatize=privatize_config,
         binarize=binarize_config,
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
+        targets=None if targets.strip() == "none" else targets,
         seed=seed,
     )
     with _Bars() as bars:
@@ -439,6 +515,8 @@ def build_document(result, model: str, budget: str) -> dict[str, Any]:
     }
     if binary_metrics:
         document["binarize_steps"] = binary_metrics.get("steps", [])
+    if "export" in result.stages:
+        document["export"] = result.stages["export"]["metrics"]
     if result.report is not None:
         document.update(report_json(result.report))
     return document

@@ -56,12 +56,14 @@ class IFNeuron(nn.Module):
     """Integrate-and-fire neurons with soft reset over ``timesteps`` steps.
 
     Input: the current for T·B samples (time-major), or for B samples when the
-    current is constant in time. Output: θ·s for T·B samples.
+    current is constant in time. Output: a·s for T·B samples, where the spike
+    amplitude a is θ unless one is given.
     """
 
-    def __init__(self, threshold: torch.Tensor, initial_membrane: float = 0.5):
+    def __init__(self, threshold: torch.Tensor, initial_membrane: float = 0.5, amplitude: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("threshold", threshold.detach().clone().float())
+        self.register_buffer("amplitude", None if amplitude is None else amplitude.detach().clone().float().reshape(()))
         self.initial_membrane = initial_membrane
         self.timesteps = 1
         self.batch = 0  # B of the current simulation, set by SpikingNetwork
@@ -84,7 +86,7 @@ class IFNeuron(nn.Module):
             membrane = membrane + (current if constant else current[step])
             spikes = (membrane >= theta).to(current.dtype)
             membrane = membrane - theta * spikes
-            outputs.append(spikes * theta)
+            outputs.append(spikes * (theta if self.amplitude is None else self.amplitude))
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
 
 
@@ -94,7 +96,7 @@ class SpikingNetwork(nn.Module):
     def __init__(self, model: SpikingModel):
         super().__init__()
         self.model = model
-        self.neurons = {name: IFNeuron(theta, model.initial_membrane) for name, theta in model.thresholds.items()}
+        self.neurons = {name: IFNeuron(theta, model.initial_membrane, model.amplitudes.get(name)) for name, theta in model.thresholds.items()}
         self.network = GraphNetwork(model.graph, self.neurons).eval()
 
     def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
@@ -297,6 +299,7 @@ def spiking_state(model: SpikingModel) -> dict:
         "normalize": [list(model.normalize[0]), list(model.normalize[1])] if model.normalize else None,
         "config": model.config,
         "metrics": model.metrics,
+        "amplitudes": {name: a.clone() for name, a in model.amplitudes.items()},
     }
 
 
@@ -314,6 +317,12 @@ def spiking_from_state(state: dict, where: str = "model") -> SpikingModel:
     for name, theta in thresholds.items():
         if not isinstance(theta, torch.Tensor) or not torch.isfinite(theta).all() or (theta <= 0).any():
             raise ArtifactError(f"{where}: threshold of {name!r} must be a finite positive tensor")
+    amplitudes = state.get("amplitudes", {})
+    if not isinstance(amplitudes, dict) or not set(amplitudes) <= neuron_names:
+        raise ArtifactError(f"{where}: amplitudes do not match the graph's neurons")
+    for name, amplitude in amplitudes.items():
+        if not isinstance(amplitude, torch.Tensor) or amplitude.numel() != 1 or not torch.isfinite(amplitude).all() or float(amplitude) <= 0:
+            raise ArtifactError(f"{where}: amplitude of {name!r} must be a finite positive scalar")
     try:
         normalize = state["normalize"]
         normalize = (tuple(normalize[0]), tuple(normalize[1])) if normalize else None
@@ -327,6 +336,7 @@ def spiking_from_state(state: dict, where: str = "model") -> SpikingModel:
             normalize,
             dict(state.get("config", {})),
             dict(state.get("metrics", {})),
+            {name: a.reshape(()).float() for name, a in amplitudes.items()},
         )
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise ArtifactError(f"{where}: malformed spiking model ({error})") from None

@@ -75,3 +75,9 @@ class BinarizeError(EdgeSNNError):
     """Adaptive binarization was given an impossible configuration."""
 
     stage = "binarize"
+
+
+class ExportError(EdgeSNNError):
+    """The model cannot be expressed in a deployment format, or an exported artifact is inconsistent."""
+
+    stage = "export"

@@ -8,6 +8,8 @@ Output folder of ``edgesnn build``::
     snn.pt           the converted spiking model (plain tensors; weights_only-safe)
     private.pt       with --private: the SNN retrained through time and reduced to --timesteps
     binary.pt        with --binary: the same with layers binarized (the rest int8)
+    model.onnx       the final model in ONNX (--targets onnx; default: every target)
+    c/               C99 firmware: runtime, generated model, harness, golden outputs (--targets c)
     eval.json        accuracy on real data (when --eval-data is given)
     manifest.json    per stage: config, input and output sha256, seconds, peak RSS, metrics
 
@@ -110,6 +112,7 @@ class BuildConfig:
     privatize: PrivatizeConfig | None = None  # None: no retraining (the converted SNN is the result)
     binarize: BinarizeConfig | None = None  # None: no binarization; needs privatize
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
 
 
@@ -454,6 +457,9 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     else:
         final_digest = model_outputs[SNN_FILE]
 
+    if config.targets is not None:
+        _export_stage(run, final, final_file, final_digest, synthetic, config.targets)
+
     report = None
     if config.evaluation.data is not None:
         report = _evaluate_stage(run, config.evaluation, teacher, final, final_file, final_digest, progress)
@@ -463,6 +469,121 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     run.manifest["teacher_fp32_bytes"] = teacher_bytes_fp32(teacher)
     run.save_manifest()
     return BuildResult(out, teacher, synthetic, final, report, converted if final is not converted else None, private_model, run.stages, final_file)
+
+
+GOLDEN_COUNT = 16  # synthetic images whose integer logits ship with the C firmware
+
+
+def _export_stage(run: _Run, model: SpikingModel, model_file: str, model_digest: str, synthetic: SyntheticSet, targets: str) -> None:
+    """Stage export: the final model in every chosen format, files recorded in the manifest."""
+    from edgesnn.export import parse_targets
+
+    chosen = parse_targets(targets, model)
+    golden = synthetic.images[:GOLDEN_COUNT]
+    run.stage(
+        "export",
+        {"targets": chosen, "golden_images": len(golden)},
+        {model_file: model_digest},
+        lambda: _compute_export(model, chosen, golden, f"edgesnn {__version__} from {model_file} (sha256 {model_digest[:16]})"),
+        lambda: None,
+    )
+
+
+def _compute_export(model: SpikingModel, targets: list[str], golden_images: torch.Tensor, stamp: str):
+    from edgesnn.export import ExportContext, export_files, pixels_from_images
+
+    golden = pixels_from_images(golden_images, model.normalize) if model.timesteps == 1 else None
+    context = ExportContext(model, stamp, golden)
+    files = export_files(context, targets)
+    return None, files, {"targets": targets, **context.notes}
+
+
+def final_model_file(folder: Path) -> str:
+    """The file of a build folder's final model: the manifest's ``final_model``, else the latest stage's."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            name = json.loads(manifest.read_text()).get("final_model")
+        except (OSError, ValueError):
+            name = None
+        if isinstance(name, str) and (folder / name).is_file():
+            return name
+    for name in (BINARY_FILE, PRIVATE_FILE, SNN_FILE):
+        if (folder / name).is_file():
+            return name
+    raise PipelineError(f"{folder}: no spiking model ({BINARY_FILE}, {PRIVATE_FILE} or {SNN_FILE}) in this folder")
+
+
+def read_model_target(target: str) -> tuple[SpikingModel, str]:
+    """A spiking model from a build folder (its final model) or a model file; and a name for stamps."""
+    path = Path(target)
+    if path.is_dir():
+        name = final_model_file(path)
+        return read_spiking(path / name), f"{path.name}/{name}"
+    if path.is_file():
+        return read_spiking(path), path.name
+    raise PipelineError(f"{target}: no such build folder or model file")
+
+
+def export_to(target: str, targets: str | None, out: Path) -> dict[str, Any]:
+    """``edgesnn export``: write the chosen targets of a spiking model into ``out``; returns a summary."""
+    from edgesnn.export import ExportContext, export_files, parse_targets
+
+    model, name = read_model_target(target)
+    chosen = parse_targets(targets, model)
+    source = Path(target)
+    digest = sha256_file(source / final_model_file(source) if source.is_dir() else source)
+    golden = None
+    if model.timesteps == 1 and source.is_dir() and (source / SYNTHETIC_FILE).is_file():
+        from edgesnn.export import pixels_from_images
+
+        golden = pixels_from_images(read_synthetic(source / SYNTHETIC_FILE).images[:GOLDEN_COUNT], model.normalize)
+    context = ExportContext(model, f"edgesnn {__version__} from {name} (sha256 {digest[:16]})", golden)
+    files = export_files(context, chosen)  # everything is computed before the first file is written
+    written = {filename: write_atomic(out / filename, data) for filename, data in files.items()}
+    return {"model": name, "timesteps": model.timesteps, "targets": chosen, "files": written, **context.notes}
+
+
+def evaluate_bundle(folder: Path, images: LabelledImages, limit_c: int | None = None) -> dict[str, Any]:
+    """Run the final model and every exported artifact of a build folder on real images.
+
+    Reports, per runtime, accuracy and agreement with the PyTorch model (the
+    float one-timestep SNN with its deployed int8/binary weights). For one-timestep models the integer reference
+    (what the C firmware must equal bit for bit) is reported too, and the C
+    logits are compared with it exactly.
+    """
+    from edgesnn.export import ARTIFACTS, RUNNERS, deployment_model, images_from_pixels, lower, pixels_from_images, run_reference
+
+    from .privatize import snn_logits
+
+    model, _ = read_model_target(str(folder))
+    if model.timesteps == 1:
+        model = deployment_model(model)  # what the artifacts compute (unchanged for a binarized model)
+    pixels = pixels_from_images(torch.from_numpy(images.images), model.normalize)
+    labels = torch.from_numpy(images.labels)
+    inputs = images_from_pixels(pixels, model.normalize)  # the PyTorch model sees the rounded pixels every runtime sees
+    reference_logits = snn_logits(model, inputs, model.timesteps)
+    predictions = reference_logits.argmax(1)
+    runtimes: dict[str, Any] = {"pytorch": {"accuracy": _fraction(predictions == labels), "images": len(labels)}}
+    integer = None
+    if model.timesteps == 1:
+        integer = run_reference(lower(model), pixels)
+        runtimes["integer_reference"] = {"accuracy": _fraction(integer.argmax(1) == labels), "agreement": _fraction(integer.argmax(1) == predictions), "images": len(labels)}
+    for target, runner in RUNNERS.items():
+        if not (folder / ARTIFACTS[target]).is_file():
+            continue
+        count = len(labels) if target != "c" or limit_c is None else min(limit_c, len(labels))
+        logits = torch.from_numpy(np.asarray(runner(folder, model, pixels[:count])))
+        entry = {"accuracy": _fraction(logits.argmax(1) == labels[:count]), "agreement": _fraction(logits.argmax(1) == predictions[:count]), "images": count}
+        if target == "c" and integer is not None:
+            entry["bit_exact"] = bool(torch.equal(logits.long(), integer[:count]))
+            entry["bit_exact_images"] = int((logits.long() == integer[:count]).all(1).sum())
+        runtimes[target] = entry
+    return {"model": final_model_file(folder), "timesteps": model.timesteps, "runtimes": runtimes}
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    return round(float(mask.float().mean()), 6) if len(mask) else float("nan")
 
 
 def _seeded(stage_config, seed: int):

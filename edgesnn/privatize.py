@@ -110,9 +110,11 @@ class _SpikeFunction(torch.autograd.Function):
 class TrainableIF(nn.Module):
     """Integrate-and-fire neurons (as ``convert.IFNeuron``) with a trainable θ and a surrogate gradient."""
 
-    def __init__(self, threshold: torch.Tensor, initial_membrane: float, width: float):
+    def __init__(self, threshold: torch.Tensor, initial_membrane: float, width: float, amplitude: torch.Tensor | None = None):
         super().__init__()
         self.threshold = nn.Parameter(threshold.detach().clone().float())
+        # A spike's amplitude: θ, or a trainable scalar of its own (see SpikingModel.amplitudes).
+        self.amplitude = None if amplitude is None else nn.Parameter(amplitude.detach().clone().float().reshape(()))
         self.initial_membrane = initial_membrane
         self.width = width
         self.timesteps = 1
@@ -136,7 +138,7 @@ class TrainableIF(nn.Module):
             membrane = membrane + (current if constant else current[step])
             spikes = _SpikeFunction.apply(membrane, theta, self.width)
             membrane = membrane - theta * spikes
-            outputs.append(spikes * theta)
+            outputs.append(spikes * (theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)))
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
 
 
@@ -189,7 +191,7 @@ class TrainingNetwork(nn.Module):
     def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None):
         super().__init__()
         self.model = model
-        self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width) for name, theta in model.thresholds.items()})
+        self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width, model.amplitudes.get(name)) for name, theta in model.thresholds.items()})
         self.network = GraphNetwork(model.graph, {name: self.neurons[module_key(name)] for name in model.thresholds})
         self.formats = {node.name: weight_format(model.graph, node.name) for node in model.graph.weighted()}
         self.formats.update(formats or {})
@@ -223,7 +225,8 @@ class TrainingNetwork(nn.Module):
             for key in node.params:
                 node.params[key] = getattr(layer, key).detach().clone()
         thresholds = {name: self.neurons[module_key(name)].threshold.detach().clamp_min(1e-4).clone() for name in self.model.thresholds}
-        return replace(self.model, graph=graph, thresholds=thresholds, timesteps=timesteps)
+        amplitudes = {name: self.neurons[module_key(name)].amplitude.detach().clamp_min(1e-4).clone() for name in self.model.amplitudes}
+        return replace(self.model, graph=graph, thresholds=thresholds, timesteps=timesteps, amplitudes=amplitudes)
 
 
 # ---------------------------------------------------------------------------

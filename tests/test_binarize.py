@@ -5,23 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgesnn.binarize import BinarizeConfig, binarize, binary_share, model_bytes, weight_error
-from edgesnn.convert import ConvertConfig, convert
+from edgesnn.binarize import BinarizeConfig, binarize, binary_share, model_bytes, shared_amplitudes, weight_error
 from edgesnn.errors import BinarizeError
-from edgesnn.privatize import PrivatizeConfig, TrainConfig, binary_weight, int8_weight, privatize
-
-
-@pytest.fixture(scope="module")
-def one_step(resnet_teacher, resnet_synthetic):
-    converted = convert(resnet_teacher, resnet_synthetic, ConvertConfig(timesteps=2))
-    config = PrivatizeConfig(timesteps=1, schedule=(), final_steps=30, train=TrainConfig(batch_size=64))
-    return privatize(converted, resnet_teacher, resnet_synthetic, config)
-
-
-@pytest.fixture(scope="module")
-def binarized(one_step, resnet_teacher, resnet_synthetic):
-    config = BinarizeConfig(max_loss=100.0, step_steps=3, final_steps=5, holdout=0.2, train=TrainConfig(batch_size=64, lr=5e-4))
-    return binarize(one_step, resnet_teacher, resnet_synthetic, config)
+from edgesnn.privatize import binary_weight, int8_weight, snn_logits
 
 
 def test_binary_layers_hold_exactly_two_values_per_output_channel(binarized) -> None:
@@ -85,3 +71,19 @@ def test_weight_error_of_binary_and_int8_quantizers() -> None:
 def test_bad_configuration_is_a_clear_error(one_step, resnet_teacher, resnet_synthetic, config, fragment) -> None:
     with pytest.raises(BinarizeError, match=fragment):
         binarize(one_step, resnet_teacher, resnet_synthetic, config)
+
+
+def test_shared_amplitudes_change_no_spike(one_step, real_images) -> None:
+    # The ResNet has identity shortcuts: there the add's other conv and the next thresholds absorb the factor.
+    shared, exact = shared_amplitudes(one_step)
+    assert exact and set(shared.amplitudes) == set(shared.thresholds)
+    assert all(a.dim() == 0 for a in shared.amplitudes.values())
+    images = torch.from_numpy(real_images.images[:200])
+    before, after = snn_logits(one_step, images, 1), snn_logits(shared, images, 1)
+    assert torch.allclose(before, after, atol=1e-4 * float(before.abs().max()))
+    assert (before.argmax(1) == after.argmax(1)).all()
+
+
+def test_binarized_model_has_one_amplitude_per_layer(binarized) -> None:
+    assert set(binarized.amplitudes) == set(binarized.thresholds)
+    assert binarized.metrics["binarize"]["shared_amplitudes_exact"]

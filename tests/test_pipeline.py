@@ -91,12 +91,35 @@ def test_private_binary_cli_json(tmp_path) -> None:
     for key in ("ann_accuracy", "snn_accuracy", "binary_fraction", "size_ratio", "layers", "stages"):
         assert key in document, key
     assert list(document["snn_accuracy"]) == ["1"] and document["timesteps"] == 1
-    assert set(document["stages"]) == {"load", "synth", "convert", "privatize", "binarize", "eval"}
+    assert set(document["stages"]) == {"load", "synth", "convert", "privatize", "binarize", "export", "eval"}
     layers = document["layers"]
     assert all(layer["weight_format"] in ("int8", "binary") for layer in layers.values())
     assert document["binary_fraction"] == pytest.approx(sum(l["weights"] for l in layers.values() if l["binarized"]) / sum(l["weights"] for l in layers.values()), abs=1e-4)
     assert document["size_ratio"] > 3  # int8 alone is ~4× smaller than fp32
     assert (out / "binary.pt").is_file() and (out / "private.pt").is_file()
+    assert (out / "model.onnx").is_file() and (out / "c" / "esnn_model.c").is_file() and (out / "c" / "golden_logits.txt").is_file()
+    assert document["export"]["targets"] == ["onnx", "c"] and document["export"]["c"]["arena_bytes"] > 0
+
+    # Every exported artifact, run on real images: ONNX agrees with PyTorch, the C firmware equals the integer reference.
+    result = runner.invoke(app, ["eval", str(out), "--data", "packaged", "--limit", "200", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    runtimes = json.loads(result.stdout)["runtimes"]
+    assert set(runtimes) == {"pytorch", "integer_reference", "onnx", "c"}
+    assert runtimes["onnx"]["agreement"] >= 0.995 and runtimes["integer_reference"]["agreement"] >= 0.98
+    if "bit_exact" in runtimes["c"] or runtimes["c"]["images"]:
+        assert runtimes["c"]["bit_exact"] and runtimes["c"]["images"] == 200
+
+
+def test_export_command_writes_the_chosen_targets(tmp_path) -> None:
+    build(TINY, tmp_path / "build")
+    result = runner.invoke(app, ["export", str(tmp_path / "build"), "--targets", "c", "--out", str(tmp_path / "deploy"), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["targets"] == ["c"] and summary["model"].endswith("binary.pt")
+    assert all(name.startswith("c/") for name in summary["files"]) and (tmp_path / "deploy" / "c" / "Makefile").is_file()
+    assert not (tmp_path / "deploy" / "model.onnx").exists()
+    bad = runner.invoke(app, ["export", str(tmp_path / "build"), "--targets", "c,vhdl", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and "unknown target 'vhdl'" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(
