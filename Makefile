@@ -23,7 +23,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/convert_fmnist.py
-	$(PY) bench/private_binary_fmnist.py --cifar
+	$(PY) bench/private_binary_fmnist.py --cifar --keep bench/builds
+	$(PY) bench/export_fmnist.py --builds bench/builds
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

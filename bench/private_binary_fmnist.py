@@ -1,6 +1,6 @@
 """Benchmark: `edgesnn build --private --binary` on the zoo teachers, measured on the full Fashion-MNIST test set.
 
-    .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar]
+    .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar] [--keep bench/builds]
 
 For each zoo model, one build with the chosen budget (the same stages and
 configuration as the CLI), then on the test set: the teacher; the converted SNN
@@ -60,11 +60,12 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, timesteps: int) 
     return float((snn_logits(model, images, timesteps).argmax(1) == labels).float().mean())
 
 
-def run_model(name: str, budget: str, limit: int, seed: int, log) -> dict:
+def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None) -> dict:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        result = build(build_config(name, budget, seed=seed), Path(folder) / "out", progress=lambda *a: None, log=log)
+        # A kept build is rebuilt from scratch (force): the timings are the point.
+        result = build(build_config(name, budget, seed=seed), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
         build_seconds = round(time.perf_counter() - started, 1)
     test = load_labelled_images(DATA, "test", entry.normalize, limit)
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
@@ -140,10 +141,10 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
             f"{100 * r['binary_t1_accuracy']:.2f} | {100 * (r['binary_t1_accuracy'] - r['teacher_accuracy']):+.2f} | {100 * r['binary_t1_accuracy'] - PUBLISHED_ONE_STEP:+.2f} | "
             f"{100 * r['binary_fraction']:.1f}% | {r['model_bytes']:,} ({r['teacher_fp32_bytes']:,}) | {r['size_ratio']}× | {r['build_seconds']} |"
         )
-    stages = ["load", "synth", "convert", "privatize", "binarize"]
+    stages = ["load", "synth", "convert", "privatize", "binarize", "export"]
     lines += ["", "| model | " + " | ".join(f"{s} s (peak RSS MiB)" for s in stages) + " |", "|---|" + "---|" * len(stages)]
     for r in rows + ([cifar] if cifar else []):
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r['stages'][s]['seconds']:.0f} ({r['stages'][s]['peak_rss_mb']:.0f})" for s in stages) + " |")
+        lines.append(f"| {r['model']} | " + " | ".join(f"{r['stages'][s]['seconds']:.0f} ({r['stages'][s]['peak_rss_mb']:.0f})" if s in r["stages"] else "" for s in stages) + " |")
     lines += ["", "| model | layer | weights | format | agreement drop (pts) | weight error | cosine to ANN: private | binary |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for name, layer in r["layers"].items():
@@ -163,11 +164,12 @@ def main() -> None:
     parser.add_argument("--cifar", action="store_true", help="also time a CIFAR-sized ResNet-20")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
     args = parser.parse_args()
     if not Path(DATA).is_dir():
         sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log) for name in args.models.split(",") if name]
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep) for name in args.models.split(",") if name]
     cifar = run_cifar(args.budget, args.seed, log) if args.cifar else None
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
     out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}.json"

@@ -353,7 +353,7 @@ def _render_runtimes(bundle: dict) -> None:
 def export_command(
     target: str = typer.Argument(..., help="A build folder (its final model) or a spiking model file (snn.pt, private.pt, binary.pt)."),
     targets: str = typer.Option("all", "--targets", help=TARGETS_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the build folder itself, else ./export)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the build folder itself, else ./edgesnn-export)."),
     json_output: bool = JSON,
 ) -> None:
     """Export a spiking model for deployment: ONNX and C firmware with bit-packed binary layers.
@@ -364,7 +364,7 @@ def export_command(
     """
     from .pipeline import export_to
 
-    folder = out if out is not None else (Path(target) if Path(target).is_dir() else Path("export"))
+    folder = out if out is not None else (Path(target) if Path(target).is_dir() else Path("edgesnn-export"))
     summary = export_to(target, targets, folder)
     summary["out"] = str(folder)
     if json_output:
