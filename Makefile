@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m edgesnn build --private --binary --budget fast --out $(DEMO_OUT) --eval-data packaged
+	$(MAKE) -s -C $(DEMO_OUT)/c check
 
 test: $(STAMP)
 	$(PY) -m pytest -q
