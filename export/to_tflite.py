@@ -79,7 +79,7 @@ TFLITE_SCHEMA_VERSION = 3
 OP_VERSIONS = {
     "CONV_2D": 4,
     "DEPTHWISE_CONV_2D": 5,
-    "ADD": 3,
+    "ADD": 4,
     "MINIMUM": 4,
     "MAX_POOL_2D": 3,
     "PAD": 4,
@@ -88,6 +88,7 @@ OP_VERSIONS = {
     "RESHAPE": 1,
     "QUANTIZE": 1,
     "DEQUANTIZE": 4,
+    "CAST": 1,
 }
 
 
@@ -355,6 +356,22 @@ class _Writer:
         self.graph.operator("ADD", [left, right], [out], options)
         return out
 
+    def add_wide(self, left: int, right: int, name: str) -> int:
+        """left + right in int64 (plain integers, no scales)."""
+        out = self.graph.tensor(name, self.graph.tensors[left].shape, "int64")
+        self.graph.operator("ADD", [left, right], [out], self.graph.schema.AddOptionsT())
+        return out
+
+    def flatten(self, tensor: int, channels: int, dtype: str, scale: float) -> int:
+        """N×1×1×C -> N×C (the logits), named ``LOGITS`` where it is the output."""
+        schema = self.graph.schema
+        shape = self.graph.constant("logits/shape", np.array([-1, channels]), "int32")
+        out = self.graph.tensor(LOGITS if dtype != "int16" else f"{LOGITS}/int16", (1, channels), dtype, scale)
+        options = schema.ReshapeOptionsT()
+        options.newShape = [-1, channels]
+        self.graph.operator("RESHAPE", [tensor, shape], [out], options)
+        return out
+
     def accumulator(self, name: str, gain: np.ndarray, bias: np.ndarray, relu: bool = False, out_scale: float | None = None) -> int:
         """int16 tensor sat16(⌊(acc + bias)·gain + ½⌋) per channel of program tensor ``name``.
 
@@ -542,8 +559,32 @@ def _emit_cat(writer: _Writer, op: Op) -> None:
     writer.value[op.output] = out
 
 
+def signed_digits(values: np.ndarray, bits: int) -> list[np.ndarray]:
+    """Digits d_j ∈ [−2^(bits−1), 2^(bits−1)) with values = Σ_j 2^(bits·j)·d_j, least significant first."""
+    base, half = 2**bits, 2 ** (bits - 1)
+    rest, digits = np.asarray(values, dtype=np.int64), []
+    while np.any(rest != 0) or not digits:
+        digit = (rest + half) % base - half
+        digits.append(digit)
+        rest = (rest - digit) // base
+    return digits
+
+
+def _digit_bits(writer: _Writer, op: Op) -> int:
+    """Bits per digit of exact logits (0: they cannot be exact): the most with which every digit's conv sums within int16."""
+    producer = writer.producer.get(op.inputs[0])
+    if producer is None or producer.kind != "conv" or producer.inputs[0] not in writer.value:
+        return 0
+    weight = producer.arrays["weight"].astype(np.int64) * op.arrays["multiplier"].astype(np.int64).reshape(-1, 1, 1, 1)
+    largest = max(writer.spec(producer.inputs[0]).maximum, 1)
+    for bits in range(7, 0, -1):  # int8 codes hold digits of up to 7 bits
+        sums = [np.abs(digit.reshape(len(digit), -1)).sum(1).max() * largest for digit in signed_digits(weight, bits)]
+        if max(sums) <= INT16_MAX:
+            return bits
+    return 0
+
+
 def _emit_output(writer: _Writer, op: Op) -> None:
-    schema = writer.graph.schema
     source = writer.spec(op.inputs[0])
     channels, height, width = source.shape
     if height * width != 1:
@@ -552,16 +593,54 @@ def _emit_output(writer: _Writer, op: Op) -> None:
     offset = op.arrays["offset"].astype(np.int64)
     if np.any(multiplier <= 0):
         raise writer.error("a logit multiplier is not positive")
-    # One unit D for all classes, so that the int16 logits compare as the program's.
+    bits = _digit_bits(writer, op)
+    if bits:
+        _exact_logits(writer, op, bits)
+    else:
+        _rounded_logits(writer, op)
+
+
+def _exact_logits(writer: _Writer, op: Op, bits: int) -> None:
+    """int64 logits equal to the program's: Σ (multiplier·w)·x + offset, the weights split into small signed digits.
+
+    Each digit's conv sums exactly in int16; Horner's rule joins them in
+    int64, multiplying by 2^bits as ``bits`` doublings (ADD of a tensor to
+    itself), since the allowed ops have no MUL.
+    """
+    schema = writer.graph.schema
+    conv = writer.producer[op.inputs[0]]
+    channels = writer.spec(op.inputs[0]).shape[0]
+    weight = conv.arrays["weight"].astype(np.int64) * op.arrays["multiplier"].astype(np.int64).reshape(-1, 1, 1, 1)
+    source = writer.value[conv.inputs[0]]
+    total = None
+    for place, digit in reversed(list(enumerate(signed_digits(weight, bits)))):
+        name = f"{op.output}/digit{place}"
+        part = writer.weighted("CONV_2D", name, source, digit, 1.0, 0, conv.attrs["stride"], conv.attrs["padding"], False)
+        wide = writer.graph.tensor(f"{name}/int64", (1, 1, 1, channels), "int64")
+        options = schema.CastOptionsT()
+        options.inDataType, options.outDataType = schema.TensorType.INT16, schema.TensorType.INT64
+        writer.graph.operator("CAST", [part], [wide], options)
+        if total is not None:
+            for doubling in range(bits):
+                total = writer.add_wide(total, total, f"{name}/doubled{doubling}")
+            wide = writer.add_wide(total, wide, f"{name}/sum")
+        total = wide
+    offset = writer.graph.constant(f"{op.output}/offset", op.arrays["offset"].astype(np.int64).reshape(1, 1, 1, -1), "int64")
+    total = writer.add_wide(total, offset, f"{op.output}/with_offset")
+    writer.logits = writer.flatten(total, channels, "int64", writer.program.output_scale)
+
+
+def _rounded_logits(writer: _Writer, op: Op) -> None:
+    """int16 logits ⌊(acc + ⌊offset/multiplier⌉)·multiplier/D + ½⌋, D the largest |logit| / 32767, as float32."""
+    source = writer.spec(op.inputs[0])
+    channels = source.shape[0]
+    multiplier = op.arrays["multiplier"].astype(np.int64)
+    offset = op.arrays["offset"].astype(np.int64)
     unit = float((multiplier * source.maximum + np.abs(offset)).max()) / INT16_MAX
     scale = float(np.float32(writer.program.output_scale * unit))
     bias = np.round(offset / multiplier).astype(np.int64)
     values = writer.accumulator(op.inputs[0], multiplier / unit, bias, out_scale=scale)
-    shape = writer.graph.constant(f"{op.output}/shape", np.array([-1, channels]), "int32")
-    flat = writer.graph.tensor(f"{op.output}/int16", (1, channels), "int16", scale)
-    options = schema.ReshapeOptionsT()
-    options.newShape = [-1, channels]
-    writer.graph.operator("RESHAPE", [values, shape], [flat], options)
+    flat = writer.flatten(values, channels, "int16", scale)
     writer.logits = writer.graph.tensor(LOGITS, (1, channels), "float32")
     writer.graph.operator("DEQUANTIZE", [flat], [writer.logits])
 
@@ -650,8 +729,11 @@ def run_tflite(data: bytes, images: np.ndarray, batch: int = 1, threads: int = 1
         interpreter.invoke()
         results.append(interpreter.get_tensor(target["index"]).copy())
     if not results:
-        return np.zeros((0, int(target["shape"][-1])), dtype=np.float32)
-    return np.concatenate(results).reshape(len(images), -1)
+        return np.zeros((0, int(target["shape"][-1])), dtype=np.float64)
+    logits = np.concatenate(results).reshape(len(images), -1)
+    if np.issubdtype(logits.dtype, np.integer):  # exact integer logits: their real scale is the tensor's
+        return logits.astype(np.float64) * float(target["quantization"][0])
+    return logits.astype(np.float64)
 
 
 def tflite_operators(data: bytes) -> list[str]:

@@ -33,7 +33,8 @@ def converted(resnet_teacher, resnet_synthetic):
 
 @pytest.fixture(scope="module")
 def private(converted, resnet_teacher, resnet_synthetic):
-    config = PrivatizeConfig(timesteps=1, schedule=(2,), temporal_steps=5, final_steps=60, train=TrainConfig(batch_size=64))
+    # 250 steps: the 40-epoch zoo ResNet needs more than the 60 that lifted the 20-epoch one (60 → +7 points, 250 → +23).
+    config = PrivatizeConfig(timesteps=1, schedule=(2,), temporal_steps=5, final_steps=250, train=TrainConfig(batch_size=64))
     return privatize(converted, resnet_teacher, resnet_synthetic, config)
 
 
@@ -41,7 +42,7 @@ def test_retraining_raises_one_step_accuracy_over_plain_conversion(converted, pr
     plain = accuracy(type(converted)(**{**converted.__dict__, "timesteps": 1}), real_images)
     retrained = accuracy(private, real_images)
     assert private.timesteps == 1
-    # Plain T=1 conversion is near chance on this ResNet (~20-30%); 60 steps on 230 synthetic images lift it far above.
+    # Plain T=1 conversion is near chance on this ResNet (~30%); 250 steps on 230 synthetic images lift it far above.
     assert retrained > plain + 0.15, (plain, retrained)
 
 
