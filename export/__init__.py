@@ -13,6 +13,8 @@ Targets:
   timestep (or a step function for T > 1);
 - ``c``: ``c/``: the C99 runtime, the generated model and a host harness, with
   golden images and logits from the synthetic set (``make -C c check``);
+- ``tflite``: ``model.tflite``, 16x8-quantized integer TFLite (int16 activations,
+  int8 weights; binary layers as ±1 int8), run in LiteRT's interpreter;
 
 Adding a target is one function in its module and one entry in each map.
 """
@@ -37,6 +39,7 @@ from edgesnn.errors import ExportError
 from .program import Program, deployment_model, images_from_pixels, lower, pixels_from_images, run_reference
 
 ONNX_FILE = "model.onnx"
+TFLITE_FILE = "model.tflite"
 C_FOLDER = "c"
 GOLDEN_IMAGES = "golden_images.bin"
 GOLDEN_LOGITS = "golden_logits.txt"
@@ -78,12 +81,21 @@ def _export_c(context: ExportContext) -> dict[str, bytes]:
     return files
 
 
+def _export_tflite(context: ExportContext) -> dict[str, bytes]:
+    from .to_tflite import tflite_bytes
+
+    data = tflite_bytes(context.program, context.stamp)
+    context.notes["tflite"] = {"bytes": len(data)}
+    return {TFLITE_FILE: data}
+
+
 EXPORTERS: dict[str, Callable[[ExportContext], dict[str, bytes]]] = {
     "onnx": _export_onnx,
     "c": _export_c,
+    "tflite": _export_tflite,
 }
 
-ONE_STEP_ONLY = {"c"}  # targets that need a one-timestep model
+ONE_STEP_ONLY = {"c", "tflite"}  # targets that need a one-timestep model
 
 
 def parse_targets(text: str | None, model: SpikingModel) -> list[str]:
@@ -149,12 +161,20 @@ def run_c_artifact(folder: Path, model: SpikingModel, pixels: torch.Tensor) -> n
         return run_c_harness(compile_c(folder, Path(build_dir)), pixels)
 
 
+def run_tflite_artifact(folder: Path, model: SpikingModel, pixels: torch.Tensor) -> np.ndarray:
+    """Logits of ``model.tflite`` in the LiteRT interpreter."""
+    from .to_tflite import run_tflite
+
+    return run_tflite((folder / TFLITE_FILE).read_bytes(), images_from_pixels(pixels, model.normalize).numpy(), batch=64)
+
+
 RUNNERS: dict[str, Callable[[Path, SpikingModel, torch.Tensor], np.ndarray]] = {
     "onnx": run_onnx_artifact,
     "c": run_c_artifact,
+    "tflite": run_tflite_artifact,
 }
 
-ARTIFACTS = {"onnx": ONNX_FILE, "c": f"{C_FOLDER}/esnn_model.c"}  # the file whose presence says a target was exported
+ARTIFACTS = {"onnx": ONNX_FILE, "c": f"{C_FOLDER}/esnn_model.c", "tflite": TFLITE_FILE}  # the file whose presence says a target was exported
 
 
 __all__ = [
