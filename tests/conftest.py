@@ -54,3 +54,55 @@ def binarized(one_step, resnet_teacher, resnet_synthetic):
 
     config = BinarizeConfig(max_loss=100.0, step_steps=3, final_steps=5, holdout=0.2, train=TrainConfig(batch_size=64, lr=5e-4))
     return binarize(one_step, resnet_teacher, resnet_synthetic, config)
+
+
+def _as_synthetic(images: torch.Tensor, labels: torch.Tensor):
+    from edgesnn.artifacts import SyntheticSet
+
+    return SyntheticSet(images, labels, torch.zeros(len(labels), 10), "test", {})
+
+
+@pytest.fixture(scope="session")
+def pixels(real_images) -> torch.Tensor:
+    """The 500 real test images as the uint8 pixels a device would read."""
+    from edgesnn.export.program import pixels_from_images
+
+    return pixels_from_images(torch.from_numpy(real_images.images), FASHION_MNIST_NORMALIZE)
+
+
+@pytest.fixture(scope="session")
+def vgg_one_step(real_images):
+    """The zoo VGG converted for T=1 (float weights: the export quantizes them to int8)."""
+    from edgesnn.convert import ConvertConfig, convert
+    from edgesnn.pipeline import load_teacher
+
+    teacher = load_teacher("fmnist_vgg")
+    images = torch.from_numpy(real_images.images[:128])
+    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
+
+
+@pytest.fixture(scope="session")
+def lambda_resnet_one_step(real_images):
+    """A user's ResNet whose shortcut slices and zero-pads channels inside a lambda module (random weights), T=1."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch import nn
+
+    from edgesnn.artifacts import LoadedModel
+    from edgesnn.capture import capture
+    from edgesnn.convert import ConvertConfig, convert
+
+    spec = importlib.util.spec_from_file_location("resnet_lambda_export", Path(__file__).parent / "fixtures" / "resnet_lambda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.resnet8(in_channels=1)
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.copy_(torch.rand(layer.num_features, generator=generator) - 0.5)
+            layer.running_var.copy_(torch.rand(layer.num_features, generator=generator) + 0.5)
+    teacher = capture(LoadedModel(model.eval(), (1, 28, 28), 10, FASHION_MNIST_NORMALIZE, "resnet_lambda:resnet8", "state_dict"))
+    images = torch.from_numpy(real_images.images[:128])
+    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -11,59 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from edgesnn.artifacts import LoadedModel, SyntheticSet
-from edgesnn.capture import capture
-from edgesnn.convert import ConvertConfig, convert
 from edgesnn.errors import ExportError
-from edgesnn.export import compile_c, lower, pixels_from_images, run_c_harness, run_reference
+from edgesnn.export import compile_c, lower, run_c_harness, run_reference
 from edgesnn.export.program import deployment_model, images_from_pixels
 from edgesnn.export.to_c import c_sources, pack_signs, weight_bytes
 from edgesnn.privatize import snn_logits
-from edgesnn.zoo import FASHION_MNIST_NORMALIZE
 
-FIXTURE = Path(__file__).parent / "fixtures" / "resnet_lambda.py"
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None or shutil.which("make") is None, reason="no C compiler")
-
-
-def _as_synthetic(images: torch.Tensor, labels: torch.Tensor) -> SyntheticSet:
-    return SyntheticSet(images, labels, torch.zeros(len(labels), 10), "test", {})
-
-
-@pytest.fixture(scope="module")
-def pixels(real_images) -> torch.Tensor:
-    """The 500 real test images as the uint8 pixels a device would read."""
-    return pixels_from_images(torch.from_numpy(real_images.images), FASHION_MNIST_NORMALIZE)
-
-
-@pytest.fixture(scope="module")
-def vgg_one_step(real_images):
-    """The zoo VGG converted for T=1 (float weights: the export quantizes them to int8)."""
-    from edgesnn.pipeline import load_teacher
-
-    teacher = load_teacher("fmnist_vgg")
-    images = torch.from_numpy(real_images.images[:128])
-    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
-
-
-@pytest.fixture(scope="module")
-def lambda_resnet_one_step(real_images):
-    """A user's ResNet whose shortcut slices and zero-pads channels inside a lambda module (random weights)."""
-    spec = importlib.util.spec_from_file_location("resnet_lambda_export", FIXTURE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    model = module.resnet8(in_channels=1)
-    generator = torch.Generator().manual_seed(0)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean.copy_(torch.rand(layer.num_features, generator=generator) - 0.5)
-            layer.running_var.copy_(torch.rand(layer.num_features, generator=generator) + 0.5)
-    teacher = capture(LoadedModel(model.eval(), (1, 28, 28), 10, FASHION_MNIST_NORMALIZE, "resnet_lambda:resnet8", "state_dict"))
-    images = torch.from_numpy(real_images.images[:128])
-    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
 
 
 @pytest.fixture(scope="module", params=["binary_resnet", "vgg", "lambda_resnet"])

@@ -16,29 +16,21 @@ one spike in 10^5 (measured: none of its predictions on the full test set).
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from edgesnn.artifacts import LoadedModel, SyntheticSet
-from edgesnn.capture import capture
-from edgesnn.convert import ConvertConfig, convert
 from edgesnn.errors import ExportError
-from edgesnn.export.program import Op, Program, TensorSpec, deployment_model, images_from_pixels, lower, pixels_from_images, run_reference
+from edgesnn.export.program import Op, Program, TensorSpec, deployment_model, images_from_pixels, lower, run_reference
 from edgesnn.export.to_tflite import EMITTERS, IMAGES, LOGITS, run_tflite, tflite_bytes
 from edgesnn.privatize import snn_logits
-from edgesnn.zoo import FASHION_MNIST_NORMALIZE
 
 schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "fixtures" / "resnet_lambda.py"
 AGREEMENT = 0.998  # least share of images on which the TFLite model predicts what the reference predicts
 ROUNDED_SPIKES = 1e-3  # largest share of a spike map that rounded add_fires upstream may flip, in a zoo model
 ALLOWED_OPS = {
@@ -47,44 +39,6 @@ ALLOWED_OPS = {
 }  # fmt: skip
 MODELS = ("binary_resnet", "vgg", "lambda_resnet")
 EXACT_MODELS = ("vgg", "lambda_resnet")  # no add of two accumulators: every spike and logit is the reference's
-
-
-def _as_synthetic(images: torch.Tensor, labels: torch.Tensor) -> SyntheticSet:
-    return SyntheticSet(images, labels, torch.zeros(len(labels), 10), "test", {})
-
-
-@pytest.fixture(scope="module")
-def pixels(real_images) -> torch.Tensor:
-    """The 500 real test images as uint8 pixels."""
-    return pixels_from_images(torch.from_numpy(real_images.images), FASHION_MNIST_NORMALIZE)
-
-
-@pytest.fixture(scope="module")
-def vgg_one_step(real_images):
-    """The zoo VGG converted for T=1 (float weights: the export quantizes them to int8)."""
-    from edgesnn.pipeline import load_teacher
-
-    teacher = load_teacher("fmnist_vgg")
-    images = torch.from_numpy(real_images.images[:128])
-    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
-
-
-@pytest.fixture(scope="module")
-def lambda_resnet_one_step(real_images):
-    """A user's ResNet whose shortcut slices and zero-pads channels inside a lambda module (random weights)."""
-    spec = importlib.util.spec_from_file_location("resnet_lambda_export", FIXTURE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(0)
-    model = module.resnet8(in_channels=1)
-    generator = torch.Generator().manual_seed(0)
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean.copy_(torch.rand(layer.num_features, generator=generator) - 0.5)
-            layer.running_var.copy_(torch.rand(layer.num_features, generator=generator) + 0.5)
-    teacher = capture(LoadedModel(model.eval(), (1, 28, 28), 10, FASHION_MNIST_NORMALIZE, "resnet_lambda:resnet8", "state_dict"))
-    images = torch.from_numpy(real_images.images[:128])
-    return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
 
 
 @pytest.fixture(scope="module")
