@@ -152,6 +152,8 @@ NORMALIZE = typer.Option(None, "--normalize", help="MEAN:STD per channel applied
 LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N images.")
 TARGETS_HELP = "Export formats, comma-separated: onnx (model.onnx), c (c/: C99 firmware with 1-bit weights, `make -C c check`), tflite (model.tflite, int16x8), or all (those the model allows; c and tflite need T=1)."
 SPLIT = typer.Option("test", "--split", help="Split of an IDX/CIFAR folder: test or train.")
+PASSPHRASE_ENV = "EDGESNN_PASSPHRASE"
+PASSPHRASE_HELP = f"Encrypt with a key derived from a passphrase (scrypt) instead of a key file; read from ${PASSPHRASE_ENV}, else asked for."
 
 
 def _convert_config(timesteps: int, threshold_mode: str, percentile: float, per_channel: bool, bias_correction: bool, initial_membrane: float, seed: int) -> ConvertConfig:
@@ -326,8 +328,10 @@ def _bundle_runtimes(target: str, images) -> dict | None:
     folder = Path(target)
     if not folder.is_dir() or not (folder / MANIFEST).is_file():
         return None
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if "export" not in manifest.get("stages", {}):
+    from .bundle import read_manifest
+
+    stages = read_manifest(folder).get("stages")
+    if not isinstance(stages, dict) or "export" not in stages:
         return None
     return evaluate_bundle(folder, images)
 
@@ -410,6 +414,9 @@ def build_command(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
     eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data (a retrained model: those up to its T)."),
     targets: str = typer.Option("all", "--targets", help=TARGETS_HELP + " 'none' skips the export."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Sign the bundle's manifest with this Ed25519 private key (from `edgesnn keygen`)."),
+    encrypt_key: Optional[Path] = typer.Option(None, "--encrypt-key", help="Encrypt the weight-bearing artifacts with AES-256-GCM under this 32-byte key file (`edgesnn keygen --aes`)."),
+    encrypt_passphrase: bool = typer.Option(False, "--encrypt-passphrase", help=PASSPHRASE_HELP),
     seed: int = SEED,
     arch: Optional[str] = ARCH,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -465,6 +472,7 @@ def build_command(
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
         targets=None if targets.strip() == "none" else targets,
         seed=seed,
+        seal=_seal_config(sign_key, encrypt_key, encrypt_passphrase),
     )
     with _Bars() as bars:
         result = build(config, out, force, bars, _log)
@@ -556,6 +564,101 @@ def _render_build(result, document: dict[str, Any]) -> None:
         _render_report(result.report)
     else:
         stderr.print("add --eval-data PATH (or --eval-data packaged) to measure accuracy on real images")
+
+
+# ---------------------------------------------------------------------------
+# Bundle security: keygen, verify, decrypt
+
+
+def _passphrase(confirm: bool) -> str:
+    """The passphrase from $EDGESNN_PASSPHRASE, else asked for on the terminal (not echoed)."""
+    import os
+
+    text = os.environ.get(PASSPHRASE_ENV)
+    if text is None:
+        text = typer.prompt("passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    return text
+
+
+def _seal_config(sign_key: Optional[Path], encrypt_key: Optional[Path], encrypt_passphrase: bool):
+    from .bundle import SealConfig
+    from .errors import BundleError
+
+    if encrypt_key is not None and encrypt_passphrase:
+        raise BundleError("give --encrypt-key or --encrypt-passphrase, not both")
+    return SealConfig(sign_key=sign_key, encrypt_key=encrypt_key, passphrase=_passphrase(confirm=True) if encrypt_passphrase else None)
+
+
+@app.command("keygen")
+@_handle_errors
+def keygen_command(
+    out: Path = typer.Option(..., "--out", help="Private key file; the public key goes to OUT.pub."),
+    aes: bool = typer.Option(False, "--aes", help="Make a 32-byte AES-256 key for --encrypt-key instead of an Ed25519 signing key pair."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+    json_output: bool = JSON,
+) -> None:
+    """Make an Ed25519 key pair for signing bundles (OUT, mode 0600, and OUT.pub), or an AES key with --aes."""
+    from .bundle import fingerprint, keygen, load_private_key
+
+    paths = keygen(out, "aes" if aes else "ed25519", force)
+    document: dict[str, Any] = {"kind": "aes-256" if aes else "ed25519", "private": str(paths[0])}
+    if not aes:
+        document.update(public=str(paths[1]), fingerprint=fingerprint(load_private_key(paths[0]).public_key()))
+    if json_output:
+        _print_json(document)
+    elif aes:
+        stderr.print(f"AES-256 key → {paths[0]} (mode 0600); use: edgesnn build --encrypt-key {paths[0]}", highlight=False, soft_wrap=True)
+    else:
+        stderr.print(f"Ed25519 key {document['fingerprint']}: private → {paths[0]} (mode 0600), public → {paths[1]}; use: edgesnn build --sign-key {paths[0]}", highlight=False, soft_wrap=True)
+
+
+@app.command("verify")
+@_handle_errors
+def verify_command(
+    bundle: Path = typer.Argument(..., help="A bundle folder written by `edgesnn build`."),
+    pubkey: Path = typer.Option(..., "--pubkey", help="The signer's public key (OUT.pub from `edgesnn keygen`)."),
+    json_output: bool = JSON,
+) -> None:
+    """Check a bundle's signature and the sha256 of every file; name each file that changed, is missing or is extra.
+
+    Exit 0 when everything matches, 1 otherwise.
+    """
+    from .bundle import verify
+    from .errors import TamperedBundleError
+
+    report = verify(bundle, pubkey)
+    if json_output:
+        _print_json(report.to_json())
+        if not report.ok:
+            raise typer.Exit(1)
+        return
+    if not report.ok:
+        raise TamperedBundleError(report.summary())
+    note = f"; {len(report.encrypted)} encrypted" if report.encrypted else ""
+    stderr.print(f"ok: {report.summary()}{note}", highlight=False, soft_wrap=True)
+
+
+@app.command("decrypt")
+@_handle_errors
+def decrypt_command(
+    bundle: Path = typer.Argument(..., help="A bundle folder whose artifacts were encrypted by `edgesnn build`."),
+    key: Optional[Path] = typer.Option(None, "--key", help="The 32-byte key file given to --encrypt-key."),
+    passphrase: bool = typer.Option(False, "--passphrase", help=f"Use the passphrase given to --encrypt-passphrase (from ${PASSPHRASE_ENV}, else asked for)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a decrypted copy of the bundle here instead of decrypting in place."),
+    json_output: bool = JSON,
+) -> None:
+    """Restore the encrypted artifacts of a bundle, byte for byte (checked against the manifest's sha256)."""
+    from .bundle import decrypt
+    from .errors import BundleError
+
+    if (key is None) == (not passphrase):
+        raise BundleError("decrypt needs exactly one of --key FILE or --passphrase")
+    restored = decrypt(bundle, key_file=key, passphrase=_passphrase(confirm=False) if passphrase else None, out=out)
+    target = out if out is not None else bundle
+    if json_output:
+        _print_json({"bundle": str(target), "decrypted": restored})
+    else:
+        stderr.print(f"decrypted {len(restored)} files in {target}: {', '.join(restored)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ and for training the zoo teachers, never by the data-free build.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import zipfile
 import zlib
@@ -18,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .archives import check_npz
 from .errors import DataError
+
+# What a hostile or damaged pickle makes the (code-free) unpickler raise.
+_CORRUPT_PICKLE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError, RecursionError, OverflowError, UnicodeDecodeError)
 
 # Largest array an IDX header may declare (elements). Protects against a header
 # that claims terabytes and makes us allocate before noticing the file is short.
@@ -64,10 +69,7 @@ def read_idx(path: Path) -> np.ndarray:
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
     if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt gzip stream ({error})") from None
+        raw = _gunzip_idx(path, raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -76,13 +78,37 @@ def read_idx(path: Path) -> np.ndarray:
     if ndim == 0 or len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    count = int(np.prod(shape, dtype=np.int64))
+    count = 1
+    for size in shape:
+        count *= size  # Python integers: a hostile header cannot overflow them
     if count > _MAX_IDX_ELEMENTS:
         raise DataError(f"{path}: IDX header declares {count} elements, more than the {_MAX_IDX_ELEMENTS} allowed")
     expected = header + count * dtype.itemsize
     if len(raw) != expected:
         raise DataError(f"{path}: IDX header declares shape {shape} ({expected} bytes) but the file has {len(raw)} bytes")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _gunzip_idx(path: Path, raw: bytes) -> bytes:
+    """Decompress a gzipped IDX file no further than its header says it is long (a gzip bomb stops there)."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            head = stream.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                return head  # read_idx names the problem
+            dimensions = stream.read(4 * head[3])
+            head += dimensions
+            if len(dimensions) < 4 * head[3]:
+                return head
+            count = 1
+            for i in range(head[3]):
+                count *= int.from_bytes(dimensions[4 * i : 4 * i + 4], "big")
+            if count > _MAX_IDX_ELEMENTS:
+                return head  # read_idx refuses the declared size before anything is allocated
+            body = stream.read(count * np.dtype(_IDX_DTYPES[head[2]]).itemsize + 1)  # one byte more reveals trailing data
+            return head + body
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt gzip stream ({error})") from None
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path | None:
@@ -111,6 +137,7 @@ def _load_idx_folder(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    check_npz(path, DataError, ".npz")  # array sizes are allocated before they are read
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = set(archive.files)
@@ -121,8 +148,8 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             images, labels = archive[x_key], archive[y_key]
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npz ({error})") from None
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError, MemoryError) as error:
+        raise DataError(f"{path}: not a readable .npz ({_first_line(error)})") from None
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
@@ -153,15 +180,23 @@ def _load_cifar(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             with path.open("rb") as handle:
                 batch = _NoCodeUnpickler(handle, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
-            raise DataError(f"{path}: not a CIFAR-10 python batch ({error})") from None
+        except _CORRUPT_PICKLE as error:  # the unpickler runs no code; anything it raises is the file's fault
+            raise DataError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {_first_line(error)})") from None
         if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
             raise DataError(f"{path}: CIFAR-10 batch lacks 'data' or 'labels'")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{path}: CIFAR-10 data should be N×3072, found {data.shape}")
+        try:
+            data = batch[b"data"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+                raise ValueError(f"data is a {type(data).__name__} of {getattr(data, 'dtype', 'objects')}, expected a uint8 array")
+            label = np.asarray(batch[b"labels"])
+            if label.ndim != 1 or (len(label) and not np.issubdtype(label.dtype, np.integer)):
+                raise ValueError(f"labels should be a list of integers, found {label.dtype} of shape {label.shape}")
+        except (ValueError, TypeError, OverflowError) as error:
+            raise DataError(f"{path}: malformed CIFAR-10 batch ({_first_line(error)})") from None
+        if data.ndim != 2 or data.shape[1] != 3072 or len(label) != len(data):
+            raise DataError(f"{path}: CIFAR-10 data should be N×3072 with N labels, found {data.shape} and {len(label)} labels")
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        labels.append(label.astype(np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -193,6 +228,8 @@ def load_labelled_images(
         images, labels = images[:limit], labels[:limit]
     if len(images) == 0:
         raise DataError(f"{path}: contains no images")
+    if images.dtype.kind not in "biuf" or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected numeric images and integer labels, found {images.dtype} and {labels.dtype}")
     if np.issubdtype(images.dtype, np.integer):
         array = images.astype(np.float32) / 255.0
     else:
@@ -211,3 +248,8 @@ def load_labelled_images(
     if labels.min() < 0:
         raise DataError(f"{path}: negative class labels")
     return LabelledImages(np.ascontiguousarray(array), labels, str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -81,3 +81,13 @@ class ExportError(EdgeSNNError):
     """The model cannot be expressed in a deployment format, or an exported artifact is inconsistent."""
 
     stage = "export"
+
+
+class BundleError(EdgeSNNError):
+    """A bundle, key or signature is missing, unreadable, or cannot be sealed, verified or decrypted."""
+
+    stage = "bundle"
+
+
+class TamperedBundleError(BundleError):
+    """A bundle's manifest, signature or files do not match: it was altered or damaged."""

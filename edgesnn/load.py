@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from .artifacts import LoadedModel, Normalize
+from .archives import check_zip
 from .errors import LoadError, UnsafePickleError
 from .zoo import ZOO
 
@@ -140,6 +141,7 @@ def _read_zoo(name: str) -> _Read:
 
 
 def _read_file(path: Path, config: LoadConfig) -> _Read:
+    check_zip(path, LoadError, "checkpoint or archive")  # zip bombs and lying sizes are refused before any reader allocates
     names = _zip_names(path)
     if path.suffix == ".pt2" or any(name.endswith("/archive_format") for name in names):
         return _read_export(path, config.trust_pickle)

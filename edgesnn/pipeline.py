@@ -30,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,11 +38,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, bundle
 from .artifacts import EvalReport, LoadedModel, Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .binarize import BinarizeConfig, binarize, model_bytes
 from .capture import CaptureConfig, capture
 from .convert import ConvertConfig, convert, spiking_from_state, spiking_state
+from .archives import check_npz, check_zip
 from .datasets import PACKAGED_SUBSET, LabelledImages, load_labelled_images
 from .errors import ArtifactError, EdgeSNNError, PipelineError
 from .evaluate import evaluate
@@ -114,6 +116,7 @@ class BuildConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
+    seal: bundle.SealConfig = field(default_factory=bundle.SealConfig)  # signing and encryption of the finished bundle
 
 
 @dataclass(frozen=True)
@@ -170,12 +173,15 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def _torch_load(path: Path, what: str) -> Any:
+    if Path(path).is_file():
+        check_zip(Path(path), ArtifactError, what)  # declared sizes are allocated before they are read
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"{path}: {what} not found") from None
-    except Exception as error:  # corrupt zip, pickle refused, ...
-        raise ArtifactError(f"{path}: not a readable {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    except Exception as error:  # corrupt zip, pickle refused, ... (MemoryError included: a hostile size)
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ArtifactError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -250,6 +256,7 @@ def synthetic_bytes(synthetic: SyntheticSet) -> bytes:
 
 def read_synthetic(path: Path) -> SyntheticSet:
     try:
+        check_npz(Path(path), ArtifactError, "synthetic set")  # array sizes are allocated before they are read
         with np.load(path, allow_pickle=False) as archive:
             images = torch.from_numpy(archive["images"].astype(np.float32))
             labels = torch.from_numpy(archive["labels"].astype(np.int64))
@@ -259,12 +266,15 @@ def read_synthetic(path: Path) -> SyntheticSet:
             config = json.loads(str(archive["config"])) if "config" in archive.files else {}
     except FileNotFoundError:
         raise ArtifactError(f"{path}: synthetic set not found") from None
-    except (KeyError, ValueError, OSError, EOFError) as error:
-        raise ArtifactError(f"{path}: not a readable synthetic set ({error})") from None
-    if images.dim() != 4 or len(images) != len(labels) or len(logits) != len(labels):
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, RecursionError, MemoryError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ArtifactError(f"{path}: not a readable synthetic set ({reason})") from None
+    if images.dim() != 4 or labels.dim() != 1 or logits.dim() != 2 or len(images) != len(labels) or len(logits) != len(labels):
         raise ArtifactError(f"{path}: synthetic set arrays have inconsistent shapes")
-    if not torch.isfinite(images).all():
-        raise ArtifactError(f"{path}: synthetic images contain NaN or Inf")
+    if not torch.isfinite(images).all() or not torch.isfinite(logits).all():
+        raise ArtifactError(f"{path}: synthetic images or logits contain NaN or Inf")
+    if not isinstance(metrics, dict) or not isinstance(config, dict):
+        raise ArtifactError(f"{path}: synthetic set metrics/config are not JSON objects")
     return SyntheticSet(images, labels, logits, method, metrics, config)
 
 
@@ -313,7 +323,7 @@ class _Run:
             return None
         try:
             manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             self.log(f"{self.manifest_path} is unreadable: starting the build over")
             return None
         return manifest if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict) else None
@@ -399,8 +409,15 @@ def _synth_config(config: BuildConfig):
 
 
 def build(config: BuildConfig, out: Path, force: bool = False, progress: Progress = no_progress, log: Log = lambda message: None) -> BuildResult:
-    """load → capture → synth → convert (→ eval on real data), resuming where possible."""
-    out = Path(out)
+    """load → capture → synth → convert (→ eval on real data), resuming where possible.
+
+    The stages run in a staging folder beside ``out`` (``bundle.begin``); the
+    finished folder is sealed (hashes, versions, signature, encryption) and
+    renamed into place, so a failed build never leaves a half-bundle at ``out``.
+    """
+    destination = Path(out)
+    keys = bundle.load_keys(config.seal)  # a bad key fails now, not after the build
+    out = bundle.begin(destination, force)
     run = _Run(out, force, log)
 
     load_inputs = {"model": _model_digest(config.model, config.load)}
@@ -468,6 +485,9 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     run.manifest["final_model_bytes"] = model_bytes(final)
     run.manifest["teacher_fp32_bytes"] = teacher_bytes_fp32(teacher)
     run.save_manifest()
+    bundle.seal(out, keys)
+    bundle.publish(out, destination)
+    out = destination
     return BuildResult(out, teacher, synthetic, final, report, converted if final is not converted else None, private_model, run.stages, final_file)
 
 
@@ -503,10 +523,11 @@ def final_model_file(folder: Path) -> str:
     manifest = folder / MANIFEST
     if manifest.is_file():
         try:
-            name = json.loads(manifest.read_text()).get("final_model")
-        except (OSError, ValueError):
-            name = None
-        if isinstance(name, str) and (folder / name).is_file():
+            document = json.loads(manifest.read_text())
+        except (OSError, ValueError, RecursionError):
+            document = None
+        name = document.get("final_model") if isinstance(document, dict) else None
+        if isinstance(name, str) and name in (BINARY_FILE, PRIVATE_FILE, SNN_FILE) and (folder / name).is_file():
             return name
     for name in (BINARY_FILE, PRIVATE_FILE, SNN_FILE):
         if (folder / name).is_file():
