@@ -383,8 +383,12 @@ def verify(folder: Path, public_key) -> VerifyReport:
         key = load_public_key(Path(public_key))
     manifest_bytes = _read_manifest_bytes(folder)
     signature_problem, signer = _check_signature(folder, manifest_bytes, key)
-    manifest = _parse_manifest(manifest_bytes, folder)
-    files, encrypted = _bundle_section(manifest, folder)
+    try:
+        files, encrypted = _bundle_section(_parse_manifest(manifest_bytes, folder), folder)
+    except BundleError as error:
+        if signature_problem is None:
+            raise  # a signed manifest the signer made unusable (or a bundle never sealed)
+        raise TamperedBundleError(f"{folder}: verification FAILED: {signature_problem}; {error.args[0] if error.args else error}") from None
     expected = {name: entry["sha256"] for name, entry in files.items()}
     decrypted = []
     for name, entry in encrypted.items():

@@ -106,3 +106,31 @@ def lambda_resnet_one_step(real_images):
     teacher = capture(LoadedModel(model.eval(), (1, 28, 28), 10, FASHION_MNIST_NORMALIZE, "resnet_lambda:resnet8", "state_dict"))
     images = torch.from_numpy(real_images.images[:128])
     return convert(teacher, _as_synthetic(images, torch.from_numpy(real_images.labels[:128])), ConvertConfig(timesteps=1, bias_correction=False))
+
+
+
+@pytest.fixture(scope="session")
+def signed_bundle(tmp_path_factory):
+    """A real, small, signed bundle: the zoo ResNet converted for T=1 from 16 synthetic images and
+    exported to every target (~7 s). Fields: folder, key (private), public, config (without the seal).
+    Copy the folder before changing it."""
+    from types import SimpleNamespace
+
+    from edgesnn.bundle import SealConfig, keygen
+    from edgesnn.convert import ConvertConfig
+    from edgesnn.pipeline import BuildConfig, build
+    from edgesnn.synth import SynthConfig
+
+    root = tmp_path_factory.mktemp("signed_bundle")
+    key = root / "signer"
+    keygen(key)
+    config = BuildConfig(
+        model="fmnist_resnet8",
+        synth=SynthConfig(count=16, iterations=2, min_iterations=0, batch_size=16),
+        convert=ConvertConfig(timesteps=1, bias_correction=False),
+        targets="all",
+    )
+    import dataclasses
+
+    build(dataclasses.replace(config, seal=SealConfig(sign_key=key)), root / "bundle")
+    return SimpleNamespace(folder=root / "bundle", key=key, public=root / "signer.pub", config=config)
