@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,18 @@ def max_archive_bytes() -> int:
     return int(text) if text.isdigit() and int(text) > 0 else MAX_ARCHIVE_BYTES
 
 
+def allowed_expansion(size: int) -> int:
+    """How many uncompressed bytes a compressed file of ``size`` bytes may declare (see the module docstring)."""
+    if _ENVIRONMENT in os.environ:
+        return max_archive_bytes()
+    return min(max_archive_bytes(), max(FREE_BYTES, TOTAL_RATIO * size))
+
+
 def check_zip(path: Path, error: type[Exception], what: str, max_bytes: int | None = None) -> list[zipfile.ZipInfo]:
     """The members of the zip at ``path`` once their declared sizes are shown to be sane; raises ``error`` otherwise.
 
     A file that is not a zip at all is not this function's business: it returns ``[]``.
     """
-    explicit = max_bytes is not None or _ENVIRONMENT in os.environ
-    limit = max_bytes if max_bytes is not None else max_archive_bytes()
     try:
         if not zipfile.is_zipfile(path):
             return []
@@ -70,8 +76,7 @@ def check_zip(path: Path, error: type[Exception], what: str, max_bytes: int | No
         if member.file_size > MAX_RATIO * max(member.compress_size, 1) and member.file_size > 2**20:
             raise error(f"{path}: member {name!r} declares {member.file_size} bytes from {member.compress_size} compressed (ratio over {MAX_RATIO}: a zip bomb?)")
         total += member.file_size
-    if not explicit:
-        limit = min(limit, max(FREE_BYTES, TOTAL_RATIO * size))
+    limit = max_bytes if max_bytes is not None else allowed_expansion(size)
     if total > limit:
         raise error(f"{path}: archive of {size} bytes declares {total} uncompressed bytes, more than the {limit} allowed (a zip bomb? set {_ENVIRONMENT} to raise the limit)")
     return members
@@ -107,5 +112,5 @@ def check_npz(path: Path, error: type[Exception], what: str, max_bytes: int | No
                         f"{path}: array {member.filename[:-4][:80]!r} declares shape {tuple(shape)} ({declared} bytes) "
                         f"but its member holds {member.file_size - header} (truncated or hostile {what})"
                     )
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError, SyntaxError, KeyError) as problem:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError, SyntaxError, KeyError, zlib.error, NotImplementedError) as problem:
         raise error(f"{path}: not a readable {what} ({type(problem).__name__}: {str(problem)[:200]})") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archives import check_npz
+from .archives import allowed_expansion, check_npz
 from .errors import DataError
 
 # What a hostile or damaged pickle makes the (code-free) unpickler raise.
@@ -105,6 +105,9 @@ def _gunzip_idx(path: Path, raw: bytes) -> bytes:
                 count *= int.from_bytes(dimensions[4 * i : 4 * i + 4], "big")
             if count > _MAX_IDX_ELEMENTS:
                 return head  # read_idx refuses the declared size before anything is allocated
+            declared = count * np.dtype(_IDX_DTYPES[head[2]]).itemsize
+            if declared > allowed_expansion(len(raw)):
+                raise DataError(f"{path}: gzip of {len(raw)} bytes declares {declared} bytes of IDX data, more than the {allowed_expansion(len(raw))} allowed (a gzip bomb?)")
             body = stream.read(count * np.dtype(_IDX_DTYPES[head[2]]).itemsize + 1)  # one byte more reveals trailing data
             return head + body
     except (OSError, EOFError, zlib.error) as error:
@@ -148,7 +151,7 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             images, labels = archive[x_key], archive[y_key]
     except DataError:
         raise
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError, MemoryError) as error:
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, MemoryError) as error:
         raise DataError(f"{path}: not a readable .npz ({_first_line(error)})") from None
     if images.ndim == 3:
         images = images[:, None]

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -266,7 +267,7 @@ def read_synthetic(path: Path) -> SyntheticSet:
             config = json.loads(str(archive["config"])) if "config" in archive.files else {}
     except FileNotFoundError:
         raise ArtifactError(f"{path}: synthetic set not found") from None
-    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, RecursionError, MemoryError) as error:
+    except (KeyError, ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RecursionError, MemoryError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ArtifactError(f"{path}: not a readable synthetic set ({reason})") from None
     if images.dim() != 4 or labels.dim() != 1 or logits.dim() != 2 or len(images) != len(labels) or len(logits) != len(labels):
