@@ -150,7 +150,7 @@ INITIAL_MEMBRANE = typer.Option(0.5, "--initial-membrane", help="Initial membran
 DATA_HELP = "Real labelled images: an IDX folder (MNIST layout, .gz or not), an .npz with x and y, a CIFAR-10 batches folder, or 'packaged' (2,000 Fashion-MNIST test images shipped with edgesnn)."
 NORMALIZE = typer.Option(None, "--normalize", help="MEAN:STD per channel applied to pixels in [0,1], e.g. 0.485,0.456,0.406:0.229,0.224,0.225 (default: the model's own, if known).")
 LIMIT = typer.Option(None, "--limit", min=1, help="Use only the first N images.")
-TARGETS_HELP = "Export formats, comma-separated: onnx (model.onnx), c (c/: C99 firmware with 1-bit weights, `make -C c check`), tflite (model.tflite, int16x8), or all (those the model allows; c and tflite need T=1)."
+TARGETS_HELP = "Export formats, comma-separated: onnx (model.onnx), c (c/: C99 firmware with 1-bit weights, `make -C c check`), tflite (model.tflite, int16x8), nir (model.nir for neuromorphic toolchains; bit widths in node metadata), or all (those the model allows; c, tflite and nir need T=1)."
 SPLIT = typer.Option("test", "--split", help="Split of an IDX/CIFAR folder: test or train.")
 PASSPHRASE_ENV = "EDGESNN_PASSPHRASE"
 PASSPHRASE_HELP = f"Encrypt with a key derived from a passphrase (scrypt) instead of a key file; read from ${PASSPHRASE_ENV}, else asked for."

@@ -15,6 +15,8 @@ Targets:
   golden images and logits from the synthetic set (``make -C c check``);
 - ``tflite``: ``model.tflite``, 16x8-quantized integer TFLite (int16 activations,
   int8 weights; binary layers as ±1 int8), run in LiteRT's interpreter;
+- ``nir``: ``model.nir``, the NIR graph (HDF5) for neuromorphic toolchains, with
+  weight formats and thresholds in node metadata, run by edgesnn's NIR interpreter;
 
 Adding a target is one function in its module and one entry in each map.
 """
@@ -40,6 +42,7 @@ from .program import Program, deployment_model, images_from_pixels, lower, pixel
 
 ONNX_FILE = "model.onnx"
 TFLITE_FILE = "model.tflite"
+NIR_FILE = "model.nir"
 C_FOLDER = "c"
 GOLDEN_IMAGES = "golden_images.bin"
 GOLDEN_LOGITS = "golden_logits.txt"
@@ -89,13 +92,22 @@ def _export_tflite(context: ExportContext) -> dict[str, bytes]:
     return {TFLITE_FILE: data}
 
 
+def _export_nir(context: ExportContext) -> dict[str, bytes]:
+    from .to_nir import nir_bytes
+
+    data = nir_bytes(context.model, context.stamp)
+    context.notes["nir"] = {"bytes": len(data), "metadata": "node metadata: edgesnn_weight_format, edgesnn_weight_bits, edgesnn_weight_scale; IF: edgesnn_threshold, edgesnn_fires_at"}
+    return {NIR_FILE: data}
+
+
 EXPORTERS: dict[str, Callable[[ExportContext], dict[str, bytes]]] = {
     "onnx": _export_onnx,
     "c": _export_c,
     "tflite": _export_tflite,
+    "nir": _export_nir,
 }
 
-ONE_STEP_ONLY = {"c", "tflite"}  # targets that need a one-timestep model
+ONE_STEP_ONLY = {"c", "tflite", "nir"}  # targets that need a one-timestep model
 
 
 def parse_targets(text: str | None, model: SpikingModel) -> list[str]:
@@ -168,13 +180,21 @@ def run_tflite_artifact(folder: Path, model: SpikingModel, pixels: torch.Tensor)
     return run_tflite((folder / TFLITE_FILE).read_bytes(), images_from_pixels(pixels, model.normalize).numpy(), batch=64)
 
 
+def run_nir_artifact(folder: Path, model: SpikingModel, pixels: torch.Tensor) -> np.ndarray:
+    """Logits of ``model.nir`` run for one timestep by edgesnn's NIR interpreter."""
+    from .to_nir import run_nir
+
+    return run_nir((folder / NIR_FILE).read_bytes(), images_from_pixels(pixels, model.normalize).numpy())
+
+
 RUNNERS: dict[str, Callable[[Path, SpikingModel, torch.Tensor], np.ndarray]] = {
     "onnx": run_onnx_artifact,
     "c": run_c_artifact,
     "tflite": run_tflite_artifact,
+    "nir": run_nir_artifact,
 }
 
-ARTIFACTS = {"onnx": ONNX_FILE, "c": f"{C_FOLDER}/esnn_model.c", "tflite": TFLITE_FILE}  # the file whose presence says a target was exported
+ARTIFACTS = {"onnx": ONNX_FILE, "c": f"{C_FOLDER}/esnn_model.c", "tflite": TFLITE_FILE, "nir": NIR_FILE}  # the file whose presence says a target was exported
 
 
 __all__ = [

@@ -98,15 +98,15 @@ def test_private_binary_cli_json(tmp_path) -> None:
     assert document["size_ratio"] > 3  # int8 alone is ~4× smaller than fp32
     assert (out / "binary.pt").is_file() and (out / "private.pt").is_file()
     assert (out / "model.onnx").is_file() and (out / "c" / "esnn_model.c").is_file() and (out / "c" / "golden_logits.txt").is_file()
-    assert document["export"]["targets"] == ["onnx", "c", "tflite"] and (out / "model.tflite").is_file() and document["export"]["c"]["arena_bytes"] > 0
+    assert document["export"]["targets"] == ["onnx", "c", "tflite", "nir"] and (out / "model.tflite").is_file() and (out / "model.nir").is_file() and document["export"]["c"]["arena_bytes"] > 0
 
     # Every exported artifact, run on real images: ONNX agrees with PyTorch, the C firmware equals the integer reference.
     result = runner.invoke(app, ["eval", str(out), "--data", "packaged", "--limit", "200", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     runtimes = json.loads(result.stdout)["runtimes"]
-    assert set(runtimes) == {"pytorch", "integer_reference", "onnx", "c", "tflite"}
+    assert set(runtimes) == {"pytorch", "integer_reference", "onnx", "c", "tflite", "nir"}
     assert runtimes["onnx"]["agreement"] >= 0.995 and runtimes["integer_reference"]["agreement"] >= 0.98
-    assert runtimes["tflite"]["agreement"] >= 0.98
+    assert runtimes["tflite"]["agreement"] >= 0.98 and runtimes["nir"]["agreement"] >= 0.995
     if "bit_exact" in runtimes["c"] or runtimes["c"]["images"]:
         assert runtimes["c"]["bit_exact"] and runtimes["c"]["images"] == 200
 
