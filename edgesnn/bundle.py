@@ -603,7 +603,7 @@ def _is_sha256(value: Any) -> bool:
 
 def staging_for(out: Path) -> Path:
     """Where a bundle for ``out`` is built before it is renamed into place."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and ".." have no name of their own
     return out.parent / _STAGING.format(out.name)
 
 
@@ -619,6 +619,9 @@ def begin(out: Path, force: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a folder")
+    absolute = Path(os.path.abspath(out))
+    if absolute == absolute.parent or Path.cwd().resolve().is_relative_to(absolute.resolve()):
+        raise BundleError(f"--out {out}: the bundle is built beside its folder and renamed into place; name a folder that is not the current one or above it (e.g. --out out)")
     staging = staging_for(out)
     if staging.is_dir() and not force:
         return staging

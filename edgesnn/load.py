@@ -46,6 +46,7 @@ import re
 import sys
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -267,8 +268,8 @@ def _pickled_globals(data: bytes) -> list[str]:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
                 data = archive.read(pickles[0]) if pickles else b""
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return []
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zlib.error):
+            return []  # a damaged archive (bad names, encryption, unknown compression): no globals to name
     found: list[str] = []
     position = 0
     while position < len(data) and len(found) < 100:
@@ -329,8 +330,8 @@ def _export_needs_pickle(path: Path) -> str | None:
                     match = _GLOBAL_IN_MESSAGE.search(str(error))
                     unsafe = match.group(1) if match else _first_unsafe_global(data)
                     return f"{relative}: global {unsafe}" if unsafe else f"{relative}: not loadable without full unpickling"
-    except (zipfile.BadZipFile, OSError) as error:
-        raise LoadError(f"{path}: not a readable torch.export archive ({_reason(error)})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError, zlib.error) as error:
+        raise LoadError(f"{path}: not a readable torch.export archive ({type(error).__name__}: {_reason(error)})") from None
     return None
 
 
