@@ -38,7 +38,7 @@ import torch
 from edgesnn.artifacts import SpikingModel
 from edgesnn.errors import ExportError
 
-from .program import Program, deployment_model, images_from_pixels, lower, pixels_from_images, run_reference
+from .program import Program, check_finite, deployment_model, images_from_pixels, lower, pixels_from_images, run_reference
 
 ONNX_FILE = "model.onnx"
 TFLITE_FILE = "model.tflite"
@@ -127,6 +127,7 @@ def parse_targets(text: str | None, model: SpikingModel) -> list[str]:
 
 def export_files(context: ExportContext, targets: list[str]) -> dict[str, bytes]:
     """Every file of the chosen targets, by path relative to the bundle."""
+    check_finite(context.model)
     files: dict[str, bytes] = {}
     for name in targets:
         files.update(EXPORTERS[name](context))

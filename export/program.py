@@ -452,6 +452,18 @@ def _integer_threshold(level: np.ndarray, scale: np.ndarray, wide: bool = False)
     return np.clip(np.nan_to_num(ratio, posinf=limit, neginf=-limit), -limit, limit).astype(np.int64 if wide else np.int32)
 
 
+def check_finite(model: SpikingModel) -> None:
+    """Refuse a model with NaN or infinite weights, biases, thresholds or amplitudes, naming the node."""
+    for node in model.graph.nodes:
+        for key, tensor in node.params.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ExportError(f"export: node '{node.name}' ({node.op}): its {key} holds NaN or infinite values; the model is corrupt")
+    for kind, values in (("threshold", model.thresholds), ("spike amplitude", model.amplitudes)):
+        for name, tensor in values.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ExportError(f"export: node '{name}' (relu): its {kind} holds NaN or infinite values; the model is corrupt")
+
+
 def deployment_model(model: SpikingModel) -> SpikingModel:
     """The one-timestep model exactly as every export computes it, as a float ``SpikingModel``.
 
@@ -460,6 +472,7 @@ def deployment_model(model: SpikingModel) -> SpikingModel:
     every layer not yet in a deployed format is quantized to int8. A model
     from ``binarize`` is returned unchanged: it was trained in this form.
     """
+    check_finite(model)
     if model.timesteps != 1:
         raise ExportError(f"export: the integer program is for one-timestep models; this one runs T={model.timesteps} (build with --private, or --timesteps 1)")
     if len(model.amplitudes) < len(model.thresholds):
