@@ -44,9 +44,9 @@ def tensor_bytes(spec: TensorSpec) -> int:
 
 
 def _scratch_bytes(op: Op, program: Program) -> int:
-    if op.kind == "conv" and program.tensors[op.inputs[0]].kind == "bits" and not op.attrs["binary"]:
-        weight = op.arrays["weight"]
-        return weight.shape[1] * weight.shape[2] * weight.shape[3] * 2
+    """esnn_conv_s8_{s16,bits}_get_buffer_size: one int32 accumulator per output channel."""
+    if op.kind == "conv" and not op.attrs["binary"]:
+        return op.arrays["weight"].shape[0] * 4
     return 0
 
 
@@ -56,7 +56,7 @@ def plan_arena(program: Program) -> tuple[dict[str, int], int, int]:
     A tensor lives from the op that writes it to the last op that reads it;
     two tensors share bytes only when their lifetimes do not overlap. The
     logits go straight to the caller's buffer. The scratch buffer of the
-    int8-on-bits convolutions sits after every tensor.
+    int8 convolutions (an int32 accumulator per output channel) sits after every tensor.
     """
     born = {program.input: -1}
     last: dict[str, int] = {program.input: -1}
@@ -163,12 +163,12 @@ class _Writer:
             packed = self.constant(index, "weight", "uint32_t", pack_signs(weight))
             body.append(f"status = esnn_conv_b1_bits(&params, &in_dims, {source.planes}, {self.read(source.name)}, {packed}, &out_dims, &output);")
         else:
-            codes = self.constant(index, "weight", "int8_t", np.transpose(weight, (0, 2, 3, 1)))
+            codes = self.constant(index, "weight", "int8_t", np.transpose(weight, (2, 3, 1, 0)))  # kh, kw, C, O: a row per input value
             if source.kind == "s16":
-                body.append(f"status = esnn_conv_s8_s16(&params, &in_dims, {self.read(source.name)}, {codes}, &out_dims, &output);")
+                body.append(f"status = esnn_conv_s8_s16(&params, &in_dims, {self.read(source.name)}, {codes}, &out_dims, (int32_t *)(void *)(arena.bytes + {self.scratch}), &output);")
             else:
                 body.append(
-                    f"status = esnn_conv_s8_bits(&params, &in_dims, {source.planes}, {self.read(source.name)}, {codes}, &out_dims, (int16_t *)(arena.bytes + {self.scratch}), &output);"
+                    f"status = esnn_conv_s8_bits(&params, &in_dims, {source.planes}, {self.read(source.name)}, {codes}, &out_dims, (int32_t *)(void *)(arena.bytes + {self.scratch}), &output);"
                 )
         self.call(index, op, body + ["if (status != ESNN_OK) return status;"])
 

@@ -5,13 +5,29 @@
 
 static int32_t popcount32(uint32_t x)
 {
-#if defined(__GNUC__)
+#if defined(__GNUC__) && (defined(__POPCNT__) || defined(__ARM_FEATURE_SIMD32))
     return (int32_t)__builtin_popcount(x);
 #else
+    /* Without a popcount instruction the builtin becomes a library call; this is branch-free and inline. */
     x = x - ((x >> 1) & 0x55555555u);
     x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
     x = (x + (x >> 4)) & 0x0F0F0F0Fu;
     return (int32_t)((x * 0x01010101u) >> 24);
+#endif
+}
+
+/* Index of the lowest set bit of a non-zero word. */
+static int32_t lowest_bit(uint32_t x)
+{
+#if defined(__GNUC__)
+    return (int32_t)__builtin_ctz(x);
+#else
+    int32_t n = 0;
+    while ((x & 1u) == 0u) {
+        x >>= 1;
+        n++;
+    }
+    return n;
 #endif
 }
 
@@ -92,82 +108,119 @@ static void conv_clear(const esnn_conv_output *output, const esnn_dims *out_dims
     }
 }
 
+int32_t esnn_conv_s8_s16_get_buffer_size(const esnn_dims *out_dims)
+{
+    if (!dims_valid(out_dims)) {
+        return 0;
+    }
+    return out_dims->c * (int32_t)sizeof(int32_t);
+}
+
 esnn_status esnn_conv_s8_s16(const esnn_conv_params *params, const esnn_dims *in_dims, const int16_t *input,
-                             const int8_t *weights, const esnn_dims *out_dims, const esnn_conv_output *output)
+                             const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output)
 {
     int32_t oy, ox, o, ky, kx, c;
-    if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL) {
+    if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL || buffer == NULL) {
         return ESNN_ERROR_ARGUMENT;
     }
     conv_clear(output, out_dims);
     for (oy = 0; oy < out_dims->h; oy++) {
         for (ox = 0; ox < out_dims->w; ox++) {
+            int32_t *acc = buffer;
             for (o = 0; o < out_dims->c; o++) {
-                int32_t acc = 0;
-                for (ky = 0; ky < params->kernel_h; ky++) {
-                    const int32_t iy = oy * params->stride_h - params->pad_h + ky;
-                    if (iy < 0 || iy >= in_dims->h) {
+                acc[o] = 0;
+            }
+            /* Each input value scales one contiguous weight row (output channel fastest). */
+            for (ky = 0; ky < params->kernel_h; ky++) {
+                const int32_t iy = oy * params->stride_h - params->pad_h + ky;
+                if (iy < 0 || iy >= in_dims->h) {
+                    continue;
+                }
+                for (kx = 0; kx < params->kernel_w; kx++) {
+                    const int32_t ix = ox * params->stride_w - params->pad_w + kx;
+                    const int16_t *x;
+                    const int8_t *tap;
+                    if (ix < 0 || ix >= in_dims->w) {
                         continue;
                     }
-                    for (kx = 0; kx < params->kernel_w; kx++) {
-                        const int32_t ix = ox * params->stride_w - params->pad_w + kx;
-                        const int16_t *x;
-                        const int8_t *w;
-                        if (ix < 0 || ix >= in_dims->w) {
+                    x = input + (iy * in_dims->w + ix) * in_dims->c;
+                    tap = weights + (ky * params->kernel_w + kx) * in_dims->c * out_dims->c;
+                    for (c = 0; c < in_dims->c; c++) {
+                        const int32_t value = x[c];
+                        const int8_t *row = tap + c * out_dims->c;
+                        if (value == 0) {
                             continue;
                         }
-                        x = input + (iy * in_dims->w + ix) * in_dims->c;
-                        w = weights + ((o * params->kernel_h + ky) * params->kernel_w + kx) * in_dims->c;
-                        for (c = 0; c < in_dims->c; c++) {
-                            acc += (int32_t)w[c] * (int32_t)x[c];
+                        for (o = 0; o < out_dims->c; o++) {
+                            acc[o] += (int32_t)row[o] * value;
                         }
                     }
                 }
-                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc);
+            }
+            for (o = 0; o < out_dims->c; o++) {
+                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc[o]);
             }
         }
     }
     return ESNN_OK;
 }
 
-int32_t esnn_conv_s8_bits_get_buffer_size(const esnn_conv_params *params, const esnn_dims *in_dims)
+int32_t esnn_conv_s8_bits_get_buffer_size(const esnn_dims *out_dims)
 {
-    if (params == NULL || !dims_valid(in_dims)) {
+    if (!dims_valid(out_dims)) {
         return 0;
     }
-    return params->kernel_h * params->kernel_w * in_dims->c * (int32_t)sizeof(int16_t);
+    return out_dims->c * (int32_t)sizeof(int32_t);
 }
 
 esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
-                              const int8_t *weights, const esnn_dims *out_dims, int16_t *buffer, const esnn_conv_output *output)
+                              const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output)
 {
-    const int32_t column = params == NULL || in_dims == NULL ? 0 : params->kernel_h * params->kernel_w * in_dims->c;
-    int32_t oy, ox, o, ky, kx, c, i;
+    int32_t oy, ox, o, ky, kx, p, j, words, stride;
     if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL || buffer == NULL || planes < 1 || planes > 16) {
         return ESNN_ERROR_ARGUMENT;
     }
+    words = ESNN_WORDS(in_dims->c);
+    stride = plane_words(in_dims);
     conv_clear(output, out_dims);
     for (oy = 0; oy < out_dims->h; oy++) {
         for (ox = 0; ox < out_dims->w; ox++) {
-            /* Unpack the window once (zeros where it overhangs), then one dot product per output channel. */
-            int16_t *slot = buffer;
+            int32_t *acc = buffer;
+            for (o = 0; o < out_dims->c; o++) {
+                acc[o] = 0;
+            }
+            /* Event-driven: only the set bits of the window add their weight row (one int8 per output
+               channel, contiguous), shifted by the bit's plane. Silent inputs cost nothing. */
             for (ky = 0; ky < params->kernel_h; ky++) {
                 const int32_t iy = oy * params->stride_h - params->pad_h + ky;
+                if (iy < 0 || iy >= in_dims->h) {
+                    continue;
+                }
                 for (kx = 0; kx < params->kernel_w; kx++) {
                     const int32_t ix = ox * params->stride_w - params->pad_w + kx;
-                    const int inside = iy >= 0 && iy < in_dims->h && ix >= 0 && ix < in_dims->w;
-                    for (c = 0; c < in_dims->c; c++) {
-                        *slot++ = (int16_t)(inside ? bits_get(input, in_dims, planes, iy * in_dims->w + ix, c) : 0);
+                    const int8_t *tap;
+                    if (ix < 0 || ix >= in_dims->w) {
+                        continue;
+                    }
+                    tap = weights + (ky * params->kernel_w + kx) * in_dims->c * out_dims->c;
+                    for (p = 0; p < planes; p++) {
+                        const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
+                        for (j = 0; j < words; j++) {
+                            uint32_t bits = x[j];
+                            while (bits != 0u) {
+                                const int32_t c = j * 32 + lowest_bit(bits);
+                                const int8_t *row = tap + c * out_dims->c;
+                                bits &= bits - 1u;
+                                for (o = 0; o < out_dims->c; o++) {
+                                    acc[o] += (int32_t)row[o] * (1 << p);
+                                }
+                            }
+                        }
                     }
                 }
             }
             for (o = 0; o < out_dims->c; o++) {
-                const int8_t *w = weights + o * column;
-                int32_t acc = 0;
-                for (i = 0; i < column; i++) {
-                    acc += (int32_t)w[i] * (int32_t)buffer[i];
-                }
-                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc);
+                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc[o]);
             }
         }
     }

@@ -67,36 +67,41 @@ typedef struct {
     uint32_t *spikes;          /**< one-plane bit map output when thresholds is set */
 } esnn_conv_output;
 
+/** Bytes of the scratch buffer esnn_conv_s8_s16 needs: one int32 accumulator per output channel. */
+int32_t esnn_conv_s8_s16_get_buffer_size(const esnn_dims *out_dims);
+
 /**
  * @brief Convolution of an int16 image with int8 weights.
  * @param[in] params    kernel, stride, padding
  * @param[in] in_dims   input shape
  * @param[in] input     int16 HWC image
- * @param[in] weights   int8 [out][kh][kw][in]
+ * @param[in] weights   int8 [kh][kw][in][out] (output channel fastest)
  * @param[in] out_dims  output shape (c = output channels)
+ * @param[in] buffer    scratch of esnn_conv_s8_s16_get_buffer_size() bytes, 4-byte aligned
  * @param[out] output   accumulators or spikes
  * @return ESNN_OK, or ESNN_ERROR_ARGUMENT if a pointer is NULL or the output shape does not follow from the input
  */
 esnn_status esnn_conv_s8_s16(const esnn_conv_params *params, const esnn_dims *in_dims, const int16_t *input,
-                             const int8_t *weights, const esnn_dims *out_dims, const esnn_conv_output *output);
+                             const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output);
 
-/** Bytes of the scratch buffer esnn_conv_s8_bits needs. */
-int32_t esnn_conv_s8_bits_get_buffer_size(const esnn_conv_params *params, const esnn_dims *in_dims);
+/** Bytes of the scratch buffer esnn_conv_s8_bits needs: one int32 accumulator per output channel. */
+int32_t esnn_conv_s8_bits_get_buffer_size(const esnn_dims *out_dims);
 
 /**
- * @brief Convolution of a bit map (any number of planes) with int8 weights.
+ * @brief Convolution of a bit map (any number of planes) with int8 weights, event-driven:
+ *        acc_o = sum over set bits (tap, c, plane p) of 2^p w[tap][c][o]; silent inputs cost nothing.
  * @param[in] params    kernel, stride, padding
  * @param[in] in_dims   input shape
  * @param[in] planes    bit planes of the input, 1..16
  * @param[in] input     bit map
- * @param[in] weights   int8 [out][kh][kw][in]
+ * @param[in] weights   int8 [kh][kw][in][out] (output channel fastest: one contiguous row per input)
  * @param[in] out_dims  output shape
- * @param[in] buffer    scratch of esnn_conv_s8_bits_get_buffer_size() bytes, 2-byte aligned
+ * @param[in] buffer    scratch of esnn_conv_s8_bits_get_buffer_size() bytes, 4-byte aligned
  * @param[out] output   accumulators or spikes
  * @return ESNN_OK, or ESNN_ERROR_ARGUMENT
  */
 esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
-                              const int8_t *weights, const esnn_dims *out_dims, int16_t *buffer, const esnn_conv_output *output);
+                              const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output);
 
 /**
  * @brief Convolution of a bit map with binary (+1/-1) weights, by popcount:
