@@ -384,6 +384,83 @@ def export_command(
         stderr.print(f"C firmware: {summary['c']['constant_bytes']:,} bytes of constants, {summary['c']['arena_bytes']:,} bytes of static RAM (arena); build with: make -C {folder / 'c'}")
 
 
+@app.command("profile")
+@_handle_errors
+def profile_command(
+    target: str = typer.Argument(..., help="A build folder (its final model) or a spiking model file (snn.pt, private.pt, binary.pt)."),
+    target_hardware: Optional[list[str]] = typer.Option(None, "--target", help="Hardware target: asic45nm, cortex_m4, crossbar, or a TOML file (repeatable; default: every built-in target)."),
+    crossbar: Optional[int] = typer.Option(None, "--crossbar", help="Simulate the model on crossbar tiles of this size (64, 128 or 256): Monte Carlo accuracy under the non-idealities below."),
+    variation: float = typer.Option(0.0, "--variation", min=0.0, help="Device-to-device variation: lognormal sigma of every conductance."),
+    faults: float = typer.Option(0.0, "--faults", min=0.0, max=1.0, help="Share of cells stuck at ON or OFF."),
+    stuck_on_share: float = typer.Option(0.5, "--stuck-on-share", min=0.0, max=1.0, help="Share of stuck cells stuck at ON (the rest OFF)."),
+    read_noise: float = typer.Option(0.0, "--read-noise", min=0.0, help="Read-to-read noise of each cell, relative sigma, drawn at every read."),
+    adc_bits: Optional[int] = typer.Option(None, "--adc-bits", min=2, max=16, help="ADC resolution per column (default: ideal readout)."),
+    on_off_ratio: float = typer.Option(100.0, "--on-off-ratio", help="G_on / G_off of the cells."),
+    ir_drop: float = typer.Option(0.0, "--ir-drop", min=0.0, help="Conductance lost at a tile's far corner (first-order IR drop), e.g. 0.05."),
+    trials: int = typer.Option(100, "--trials", min=1, help="Monte Carlo trials (device instances)."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="With --crossbar: sweep variation, fault rate and ADC bits and plot each."),
+    sweep_trials: int = typer.Option(20, "--sweep-trials", min=1, help="Trials per sweep point."),
+    compare_timesteps: str = typer.Option("", "--compare-timesteps", help="With --crossbar: also simulate these T values under the same devices, e.g. 1,4,8."),
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, help="T of the SNN run (default: the model's own)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Real labelled images to count on (default: the build folder's synthetic images). " + DATA_HELP),
+    normalize: Optional[str] = NORMALIZE,
+    limit: Optional[int] = LIMIT,
+    split: str = SPLIT,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write profile.json, report.md and the plots into this folder."),
+    seed: int = SEED,
+    json_output: bool = JSON,
+) -> None:
+    """Hardware profile: MACs/ACs, spike rates, memory, energy and latency per target; crossbar robustness.
+
+    energy_ratio = ANN energy / SNN energy per target. Every constant and its source is listed
+    in report.md (--out) and under "constants" in the JSON.
+    """
+    from .crossbar import CrossbarConfig, SweepConfig
+    from .evaluate import parse_timesteps
+    from .pipeline import EvalConfig, load_eval_data, profile_to, read_model_target
+    from .profile import TARGETS, ProfileConfig
+
+    crossbar_config = None
+    if crossbar is not None:
+        crossbar_config = CrossbarConfig(
+            tile_size=crossbar, variation=variation, faults=faults, stuck_on_share=stuck_on_share, read_noise=read_noise, adc_bits=adc_bits, on_off_ratio=on_off_ratio, ir_drop=ir_drop, trials=trials, seed=seed, timesteps=timesteps
+        )
+        from .crossbar import check_config
+
+        check_config(crossbar_config)
+    config = ProfileConfig(
+        targets=tuple(target_hardware) if target_hardware else tuple(TARGETS),
+        timesteps=timesteps,
+        crossbar=crossbar_config,
+        sweeps=SweepConfig(trials=sweep_trials) if crossbar is not None and sweep else None,
+        compare_timesteps=tuple(parse_timesteps(compare_timesteps)) if compare_timesteps.strip() else (),
+    )
+    images = None
+    if data is not None:
+        model, _ = read_model_target(target)
+        images = load_eval_data(EvalConfig(data=data, normalize=_parse_normalize(normalize), limit=limit, split=split), model.normalize)
+    with _Bars(enabled=not json_output) as bars:
+        document = profile_to(target, config, images, out, bars)
+    if json_output:
+        _print_json(document)
+        return
+    table = Table(title=f"hardware profile of {document['model'].get('file', target)} (T={document['snn']['timesteps']}, {document['images']} images)", title_justify="left")
+    for column in ("target", "ANN energy", "SNN energy", "energy ratio", "ANN latency", "SNN latency"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for name, entry in document["targets"].items():
+        table.add_row(name, f"{entry['ann_energy_uj']:.4g} µJ", f"{entry['snn_energy_uj']:.4g} µJ", f"{entry['energy_ratio']:.2f}×", f"{entry['ann_latency_ms']:.4g} ms", f"{entry['snn_latency_ms']:.4g} ms")
+    stderr.print(table)
+    snn = document["snn"]
+    stderr.print(f"ANN {document['ann']['macs']:,} MACs; SNN {snn['macs']:,} MACs + {snn['acs']:,.0f} ACs, spike rate {snn['spike_rate']:.4f}, weights {snn['weight_bytes']:,} B, peak arena {snn['memory']['peak_bytes']:,} B")
+    if "crossbar" in document:
+        mc = document["crossbar"]["monte_carlo"]
+        metric = document["crossbar"]["metric"]
+        stats = mc[metric]
+        stderr.print(f"crossbar ({document['crossbar']['mapping']['tiles']} tiles of {crossbar}): {metric} {stats['mean']:.4f} (95% CI {stats['ci95'][0]:.4f}–{stats['ci95'][1]:.4f}) over {mc['trials']} trials × {mc['images']} images; ideal {mc['ideal_accuracy']}")
+    if out is not None:
+        stderr.print(f"report → {out / 'report.md'}")
+
+
 @app.command("build")
 @_handle_errors
 def build_command(

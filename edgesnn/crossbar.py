@@ -361,6 +361,8 @@ class _Simulator:
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, node: Node, x_per_trial: bool, w_per_trial: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
         """One conv over every trial: returns N × trials·O × … when either side varies per trial."""
         stride, padding, dilation = (1, 0, 1) if node.op == "linear" else (node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"])
+        if (x_per_trial or w_per_trial) and x.shape[-1] * x.shape[-2] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)  # grouped convs run ~1.5× faster channels-last on CPU
         if w_per_trial:
             flat = weight.reshape(-1, *weight.shape[2:])
             return F.conv2d(x, flat, None if bias is None else bias.repeat(self.trials), stride, padding, dilation, self.trials if x_per_trial else 1)
@@ -405,7 +407,8 @@ class _Simulator:
                 ws = weight[:, :, part] if w_per_trial else weight[:, part]
             else:
                 xs, ws = x, weight
-            partial = self._conv(xs, ws, node, x_per_trial, w_per_trial)
+            fused_bias = bias if len(slices) == 1 and not noisy and config.adc_bits is None else None
+            partial = self._conv(xs, ws, node, x_per_trial, w_per_trial, fused_bias)
             if noisy:
                 sq = squared[:, :, part] if s_per_trial else squared[:, part]
                 variance = self._conv(xs.square(), sq, node, x_per_trial, s_per_trial)
@@ -422,7 +425,7 @@ class _Simulator:
                 else:
                     partial = self._adc(partial, layer.ranges[tile], config.adc_bits)
             total = partial if total is None else total + partial
-        if bias is not None:
+        if bias is not None and fused_bias is None:
             total = total + bias.repeat(total.shape[1] // bias.numel()).reshape(1, -1, 1, 1)
         if node.op == "linear":
             total = total.reshape(total.shape[0], -1)
@@ -606,7 +609,7 @@ def sweep(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None
     return points
 
 
-def robustness(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, config: CrossbarConfig, sweeps: SweepConfig | None = None, compare_timesteps: tuple[int, ...] = (), progress: Progress = no_progress) -> Robustness:
+def robustness(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, config: CrossbarConfig, sweeps: SweepConfig | None = None, compare_timesteps: tuple[int, ...] = (), progress: Progress = no_progress, compare_variation: bool = True) -> Robustness:
     """Mapping, the configured Monte Carlo, the sweeps and the T comparison, with plots."""
     from .plot import line_chart
 
@@ -631,7 +634,7 @@ def robustness(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor |
             result = monte_carlo(model, images, labels, replace(config, timesteps=steps), progress).summary()
             rows.append(result)
         document["timesteps"] = rows
-        if sweeps is not None and sweeps.variation:
+        if compare_variation and sweeps is not None and sweeps.variation:
             series = []
             for steps in sorted(set(compare_timesteps) | {config.timesteps or model.timesteps}):
                 points = sweep(model, images, labels, replace(config, timesteps=steps), "variation", sweeps.variation, sweeps.trials)

@@ -117,6 +117,7 @@ class BuildConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
+    profile: bool = True  # write profile.json, report.md and crossbar plots (quick settings, synthetic images)
     seal: bundle.SealConfig = field(default_factory=bundle.SealConfig)  # signing and encryption of the finished bundle
 
 
@@ -477,6 +478,8 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
 
     if config.targets is not None:
         _export_stage(run, final, final_file, final_digest, synthetic, config.targets)
+    if config.profile:
+        _profile_stage(run, teacher, final, final_file, final_digest, synthetic, synthetic_outputs[SYNTHETIC_FILE], progress)
 
     report = None
     if config.evaluation.data is not None:
@@ -736,3 +739,56 @@ def read_synthetic_source(path: Path) -> SyntheticSet:
     """A synthetic.npz, or a folder that holds one."""
     path = Path(path)
     return read_synthetic(path / SYNTHETIC_FILE if path.is_dir() else path)
+
+
+# ---------------------------------------------------------------------------
+# Hardware profile
+
+PROFILE_FILE = "profile.json"
+PROFILE_REPORT = "report.md"
+
+
+def _profile_stage(run: _Run, teacher: Teacher, model: SpikingModel, model_file: str, model_digest: str, synthetic: SyntheticSet, synthetic_digest: str, progress: Progress) -> None:
+    """Stage profile: counts, energy, latency and a quick crossbar Monte Carlo on the synthetic images."""
+    from .profile import build_profile_config
+
+    config = build_profile_config(model.timesteps)
+    run.stage(
+        "profile",
+        {"profile": config},
+        {model_file: model_digest, SYNTHETIC_FILE: synthetic_digest},
+        lambda: _compute_profile(teacher, model, synthetic.images, None, config, f"{len(synthetic.images)} synthetic images (build)", progress),
+        lambda: None,
+    )
+
+
+def _compute_profile(teacher: Teacher, model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, config, source: str, progress: Progress):
+    from .profile import profile, report_markdown
+
+    result = profile(model, teacher, images, labels, config, source, progress)
+    files = {PROFILE_FILE: (json.dumps(_jsonable(result.document), indent=2) + "\n").encode(), PROFILE_REPORT: report_markdown(result.document).encode(), **result.plots}
+    summary = {"energy_ratio": result.document["energy_ratio"], "seconds": result.document["seconds"]}
+    return result, files, summary
+
+
+def profile_to(target: str, config, data: LabelledImages | None, out: Path | None, progress: Progress = no_progress) -> dict[str, Any]:
+    """``edgesnn profile``: profile a build folder's final model (or a model file) on real images,
+    or on the folder's synthetic images; write profile.json, report.md and plots into ``out`` if given."""
+    model, name = read_model_target(target)
+    folder = Path(target) if Path(target).is_dir() else None
+    teacher = read_teacher(folder / TEACHER_FILE) if folder is not None and (folder / TEACHER_FILE).is_file() else teacher_of(model, name)
+    if data is not None:
+        images, labels, source = torch.from_numpy(data.images), torch.from_numpy(data.labels), data.source
+    elif folder is not None and (folder / SYNTHETIC_FILE).is_file():
+        images, labels, source = read_synthetic(folder / SYNTHETIC_FILE).images, None, f"{folder / SYNTHETIC_FILE} (synthetic)"
+    else:
+        raise PipelineError(f"{target}: no images to profile on; pass --data (e.g. --data packaged) or a build folder with {SYNTHETIC_FILE}")
+    result, files, _ = _compute_profile(teacher, model, images, labels, config, source, progress)
+    result.document["model"]["file"] = name
+    result.document["model"]["ann"] = teacher.source
+    if out is not None:
+        files[PROFILE_FILE] = (json.dumps(_jsonable(result.document), indent=2) + "\n").encode()
+        for filename, payload in files.items():
+            write_atomic(out / filename, payload)
+    return _jsonable(result.document)
+

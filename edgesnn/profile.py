@@ -683,6 +683,7 @@ class ProfileConfig:
     crossbar: Any = None  # edgesnn.crossbar.CrossbarConfig for the Monte Carlo; None: no simulation
     sweeps: Any = None  # edgesnn.crossbar.SweepConfig; None: no sweeps
     compare_timesteps: tuple[int, ...] = ()  # extra T values simulated under the same noise (T=1 vs T>1)
+    compare_variation: bool = True  # also sweep the variation at each compared T (plot crossbar_timesteps.png)
     images: int = 0  # images profiled; 0: all given
 
 
@@ -726,14 +727,102 @@ def profile(model: SpikingModel, teacher: Teacher, images: torch.Tensor, labels:
     if config.crossbar is not None:
         from . import crossbar
 
-        simulation = crossbar.robustness(model, images, labels, config.crossbar, config.sweeps, config.compare_timesteps, progress)
+        simulation = crossbar.robustness(model, images, labels, config.crossbar, config.sweeps, config.compare_timesteps, progress, config.compare_variation)
         document["crossbar"] = simulation.document
         plots.update(simulation.plots)
     document["seconds"] = round(time.perf_counter() - started, 3)
     return HardwareProfile(document, plots)
 
 
+def _energy(value: float) -> str:
+    return f"{value:.4g} µJ" if value >= 0.1 else f"{value * 1e3:.4g} nJ"
+
+
+def report_markdown(document: dict[str, Any], title: str = "Hardware profile") -> str:
+    """The profile as Markdown: summary per target, layers, memory, crossbar results with their
+    plots (PNG files beside the report), every constant with its source, and the assumptions."""
+    snn, ann = document["snn"], document["ann"]
+    lines = [f"# {title}", ""]
+    lines.append(f"Measured on {document['images']} images ({document.get('data') or 'given images'}); SNN at T={snn['timesteps']} (trained for T={document['model']['trained_timesteps']}).")
+    lines += ["", "## Energy and latency per inference", "", "| target | ANN fp32 | ANN int8 | SNN | energy ratio (ANN/SNN) | vs int8 ANN | compute-only ratio | ANN latency | SNN latency |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in document["targets"].items():
+        lines.append(
+            f"| {name} | {_energy(entry['ann_energy_uj'])} | {_energy(entry['ann_int8_energy_uj'])} | {_energy(entry['snn_energy_uj'])} | {entry['energy_ratio']:.2f}× | {entry['energy_ratio_int8']:.2f}× | {entry['compute_energy_ratio']:.2f}× | {entry['ann_latency_ms']:.4g} ms | {entry['snn_latency_ms']:.4g} ms |"
+        )
+    lines += ["", "Targets: " + "; ".join(f"**{name}**: {entry['description']}" for name, entry in document["targets"].items()) + "."]
+    lines += ["", "## Operations", "", f"ANN: {ann['macs']:,} MACs and {ann['elementwise_ops']:,} elementwise ops. SNN: {snn['macs']:,} MACs (image layer), {snn['acs']:,.0f} synaptic accumulates, {snn['neuron_updates']:,} neuron updates, mean spike rate {snn['spike_rate']:.4f} per neuron and step.", ""]
+    lines += ["| layer | format | input | fan-in | ANN MACs | SNN MACs | SNN ACs | input density (SNN) | weight bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    for layer, ann_layer in zip(snn["layers"], ann["layers"]):
+        density = "" if layer["input_density"] is None else f"{layer['input_density']:.4f}"
+        lines.append(f"| {layer['name']} | {layer['weight_format']} | {layer['input']} | {layer['fan_in']} | {ann_layer['macs']:,} | {layer['macs']:,} | {layer['acs']:,.0f} | {density} | {layer['weight_bytes']:,} |")
+    lines += ["", "| neuron layer | neurons | spike rate | spikes per inference |", "|---|---|---|---|"]
+    for neuron in snn["neuron_layers"]:
+        lines.append(f"| {neuron['name']} | {neuron['neurons']:,} | {neuron['spike_rate']:.4f} | {neuron['spikes']:,.1f} |")
+    lines += ["", "## Memory", "", "| | weights | activations (all tensors) | peak arena | state (membranes) |", "|---|---|---|---|---|"]
+    lines.append(f"| ANN fp32 | {ann['weight_bytes']:,} B | {ann['memory']['activation_bytes']:,} B | {ann['memory']['peak_bytes']:,} B | 0 |")
+    lines.append(f"| ANN int8 | {ann['weight_bytes_int8']:,} B | {ann['memory_int8']['activation_bytes']:,} B | {ann['memory_int8']['peak_bytes']:,} B | 0 |")
+    lines.append(f"| SNN | {snn['weight_bytes']:,} B | {snn['memory']['activation_bytes']:,} B | {snn['memory']['peak_bytes']:,} B | {snn['memory']['state_bytes']:,} B |")
+    crossbar = document.get("crossbar")
+    if crossbar:
+        mapping = crossbar["mapping"]
+        lines += ["", f"## Crossbar ({mapping['tile_size']}×{mapping['tile_size']} tiles)", "", f"{mapping['tiles']} tiles, {mapping['cells']:,} cells (a differential pair per weight).", ""]
+        lines += ["| layer | cells | row tiles × column tiles | tiles | utilisation |", "|---|---|---|---|---|"]
+        for row in mapping["layers"]:
+            lines.append(f"| {row['name']} | {row['cell']} | {row['row_tiles']} × {row['column_tiles']} | {row['tiles']} | {row['utilisation']:.1%} |")
+        metric = crossbar["metric"]
+        mc = crossbar["monte_carlo"]
+        config = mc["config"]
+        settings = ", ".join(f"{key} {config[key]}" for key in ("variation", "faults", "stuck_on_share", "read_noise", "adc_bits", "on_off_ratio", "ir_drop", "seed"))
+        lines += ["", f"Monte Carlo: {mc['trials']} trials × {mc['images']} images at T={mc['timesteps']} ({settings}); {mc['seconds']:.1f} s.", ""]
+        lines += _mc_lines([("configured", mc)], metric)
+        for parameter, points in crossbar.get("sweeps", {}).items():
+            from .crossbar import SWEEP_AXES
+
+            label, filename = SWEEP_AXES[parameter]
+            lines += ["", f"### {metric} vs {label}", "", f"![{metric} vs {label}]({filename})", ""]
+            lines += _mc_lines([(str(point["value"]), point) for point in points], metric, parameter)
+        if crossbar.get("timesteps"):
+            lines += ["", "### T=1 against T>1 under the same noise", "", "The same devices (same seed) at every T; read noise is drawn at every step.", ""]
+            lines += _mc_lines([(f"T={row['timesteps']}", row) for row in crossbar["timesteps"]], metric, "T")
+            if crossbar.get("timesteps_variation"):
+                lines += ["", "![accuracy vs variation at each T](crossbar_timesteps.png)"]
+    lines += ["", "## Constants", ""]
+    for name, constants in document["constants"].items():
+        lines += [f"**{name}** ({document['target_files'][name]})", "", "| constant | value | unit | source |", "|---|---|---|---|"]
+        for key, constant in constants.items():
+            lines.append(f"| {key} | {constant['value']:g} | {constant['unit']} | {constant['source']} |")
+        lines.append("")
+    lines += ["## Assumptions", ""] + [f"- {text}" for text in document["assumptions"]]
+    if crossbar:
+        lines.append("- Crossbar simulation: see `edgesnn/crossbar.py` — lognormal device variation, stuck cells at G_on or G_off, per-read Gaussian cell noise, per-column ADC with a range calibrated on the first images, first-order IR drop linear in the cell's distance from driver and sense amplifier; differential pairs, kernel-aligned row tiles.")
+    return "\n".join(lines) + "\n"
+
+
+def build_profile_config(timesteps: int) -> ProfileConfig:
+    """The quick profile a build writes: every target, a small Monte Carlo and three-point sweeps
+    on a few synthetic images (``edgesnn profile`` runs the full one)."""
+    from .crossbar import CrossbarConfig, SweepConfig
+
+    return ProfileConfig(
+        crossbar=CrossbarConfig(variation=0.1, trials=8),
+        sweeps=SweepConfig(variation=(0.0, 0.1, 0.3), faults=(0.0, 0.01, 0.05), adc_bits=(3, 5, 8), trials=4),
+        compare_timesteps=(4,) if timesteps == 1 else (),
+        compare_variation=False,
+        images=max(4, 32 // timesteps),
+    )
+
+
+def _mc_lines(rows: list[tuple[str, dict]], metric: str, header: str = "") -> list[str]:
+    lines = [f"| {header or 'run'} | ideal accuracy | {metric} mean | 95% CI of the mean | 2.5–97.5% of trials | agreement with ideal | trials × images |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows:
+        stats, agreement = row[metric], row["agreement"]
+        ideal = "" if row["ideal_accuracy"] is None else f"{row['ideal_accuracy']:.4f}"
+        lines.append(f"| {name} | {ideal} | {stats['mean']:.4f} | {stats['ci95'][0]:.4f}–{stats['ci95'][1]:.4f} | {stats['p2_5']:.4f}–{stats['p97_5']:.4f} | {agreement['mean']:.4f} | {row['trials']} × {row['images']} |")
+    return lines
+
+
 __all__ = [
+    "report_markdown",
     "ProfileConfig",
     "ProfileError",
     "HardwareProfile",
