@@ -474,7 +474,7 @@ def count_snn(model: SpikingModel, images: torch.Tensor, timesteps: int | None =
             layer["acs"] = 0.0
         else:
             layer["macs"] = 0
-            layer["acs"] = round(entry.get("events", 0.0) / count, 3)
+            layer["acs"] = entry.get("events", 0.0) / count
         layers.append(layer)
     neurons = []
     for node in graph.neurons():
@@ -495,7 +495,7 @@ def count_snn(model: SpikingModel, images: torch.Tensor, timesteps: int | None =
         "layers": layers,
         "neuron_layers": neurons,
         "macs": sum(layer["macs"] for layer in layers),
-        "acs": round(sum(layer["acs"] for layer in layers), 3),
+        "acs": sum(layer["acs"] for layer in layers),
         "spikes": round(sum(n["spikes"] for n in neurons), 3),
         "neurons": neuron_count,
         "spike_rate": round(sum(n["spikes"] for n in neurons) / max(1, neuron_count * steps), 6),

@@ -1,0 +1,204 @@
+"""Hardware profile: op counts against hand counts, the crossbar simulation against the ideal SNN,
+monotonic degradation, seeding, the report's constants, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from edgesnn.artifacts import LoadedModel, SyntheticSet
+from edgesnn.capture import capture
+from edgesnn.cli import app
+from edgesnn.convert import ConvertConfig, SpikingNetwork, convert
+from edgesnn.crossbar import CrossbarConfig, CrossbarError, crossbar_logits, mapping_summary, monte_carlo
+from edgesnn.profile import OP_CLASSES, TARGETS, ProfileConfig, ProfileError, count_ann, count_snn, load_target, profile, report_markdown
+from edgesnn.zoo import FASHION_MNIST_NORMALIZE
+
+
+class Small(nn.Module):
+    """conv 1→2 (3×3, pad 1) → ReLU → conv 2→3 (3×3, pad 1, stride 2) → ReLU → flatten → linear 3·4·4→5, on 1×8×8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    module = Small().eval()
+    with torch.no_grad():
+        module.conv1.weight.abs_()  # most inputs positive: both layers spike
+        module.conv2.weight.abs_()
+    teacher = capture(LoadedModel(module, (1, 8, 8), 5, None, "small", "pickle"))
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = convert(teacher, SyntheticSet(images, torch.zeros(16, dtype=torch.long), torch.zeros(16, 5), "test", {}), ConvertConfig(timesteps=3, bias_correction=False, threshold_mode="max"))
+    return teacher, model, images
+
+
+def _spikes(model, images, timesteps):
+    """The first neuron layer's spikes (T·N × 2 × 8 × 8) and the second's (T·N × 3 × 4 × 4) from the ideal simulator."""
+    simulator = SpikingNetwork(model)
+    store = {}
+    names = [node.name for node in model.graph.neurons()]
+    handles = [simulator.network.layer(name).register_forward_hook(lambda m, i, o, name=name: store.__setitem__(name, o.detach())) for name in names]
+    with torch.no_grad():
+        simulator(images, timesteps)
+    for handle in handles:
+        handle.remove()
+    return [store[name] for name in names]
+
+
+def test_op_counts_match_hand_counts(small):
+    teacher, model, images = small
+    ann = count_ann(teacher.graph, images)
+    # conv1: 2·8·8 outputs × 9; conv2: 3·4·4 outputs × 18; fc: 5 × 48.
+    assert [layer["macs"] for layer in ann["layers"]] == [2 * 64 * 9, 3 * 16 * 18, 5 * 48]
+    assert ann["macs"] == 1152 + 864 + 240
+    assert ann["weight_bytes"] == 4 * (18 + 2 + 54 + 3 + 240 + 5)
+
+    steps = 3
+    snn = count_snn(model, images, steps)
+    first, second = _spikes(model, images, steps)
+    # conv2 (stride 2, pad 1): each spike at (c, i, j) reaches the outputs (p, q) with |2p − i + 1| ≤ 1 inside 4×4, times 3 channels.
+    expected = 0
+    for sample, channel, i, j in (first != 0).nonzero().tolist():
+        reach = sum(1 for p in range(4) for q in range(4) if 0 <= i - (2 * p - 1) <= 2 and 0 <= j - (2 * q - 1) <= 2)
+        expected += reach * 3
+    fc_expected = int((second != 0).sum()) * 5
+    layers = {layer["name"]: layer for layer in snn["layers"]}
+    conv1, conv2, fc = (node.name for node in model.graph.weighted())
+    assert layers[conv1]["input"] == "analog" and layers[conv1]["macs"] == 1152  # constant input: once per inference
+    assert layers[conv2]["input"] == "spikes" and layers[conv2]["acs"] == pytest.approx(expected / len(images), rel=1e-9)
+    assert layers[fc]["acs"] == pytest.approx(fc_expected / len(images), rel=1e-9)
+    rates = {n["name"]: n["spike_rate"] for n in snn["neuron_layers"]}
+    names = [n.name for n in model.graph.neurons()]
+    assert rates[names[0]] == pytest.approx(float((first != 0).float().mean()), abs=1e-6)
+    assert snn["neuron_updates"] == (128 + 48) * steps
+    assert snn["memory"]["state_bytes"] == 4 * (128 + 48 + 5)
+
+
+def test_weight_bytes_per_format(small):
+    _, model, images = small
+    graph = model.graph.copy()
+    conv1, conv2, fc = graph.weighted()
+    conv2.attrs["weight_format"], fc.attrs["weight_format"] = "binary", "int8"
+    from dataclasses import replace
+
+    snn = count_snn(replace(model, graph=graph), images[:2], 1)
+    by_name = {layer["name"]: layer for layer in snn["layers"]}
+    assert by_name[conv1.name]["weight_bytes"] == 4 * 18 + 4 * 2
+    assert by_name[conv2.name]["weight_bytes"] == math.ceil(54 / 8) + 4 * 3 + 4 * 3  # 1-bit weights, α and bias per channel
+    assert by_name[fc.name]["weight_bytes"] == 240 + 4 * 5 + 4 * 5
+    assert by_name[conv2.name]["weight_bits"] == 1 and by_name[fc.name]["weight_bits"] == 8
+    assert snn["memory"]["state_bytes"] == 0  # T = 1: no membrane carried between inferences
+
+
+@pytest.fixture(scope="module")
+def images(real_images):
+    return torch.from_numpy(real_images.images[:200]), torch.from_numpy(real_images.labels[:200])
+
+
+@pytest.mark.parametrize("timesteps", [1, 2])
+def test_zero_non_idealities_are_bit_identical(vgg_one_step, images, timesteps):
+    x = images[0][:100]
+    ideal = SpikingNetwork(vgg_one_step)(x, timesteps)[-1]
+    logits = crossbar_logits(vgg_one_step, x, CrossbarConfig(trials=3, timesteps=timesteps, on_off_ratio=20.0))
+    for trial in range(3):
+        assert torch.equal(logits[:, trial], ideal)
+
+
+def test_accuracy_degrades_with_variation_and_is_seeded(vgg_one_step, images):
+    x, y = images
+    means, halves = [], []
+    for sigma in (0.0, 0.15, 0.4, 0.8):
+        summary = monte_carlo(vgg_one_step, x, y, CrossbarConfig(variation=sigma, trials=6, seed=3)).summary()
+        means.append(summary["accuracy"]["mean"])
+        halves.append((summary["accuracy"]["ci95"][1] - summary["accuracy"]["ci95"][0]) / 2)
+    for index in range(len(means) - 1):
+        assert means[index + 1] <= means[index] + halves[index] + halves[index + 1] + 1e-9, (means, halves)
+    assert means[-1] < means[0] - 0.1
+    config = CrossbarConfig(variation=0.2, faults=0.01, read_noise=0.05, adc_bits=5, ir_drop=0.05, trials=4, seed=7)
+    first = monte_carlo(vgg_one_step, x[:80], y[:80], config)
+    again = monte_carlo(vgg_one_step, x[:80], y[:80], config)
+    other = monte_carlo(vgg_one_step, x[:80], y[:80], CrossbarConfig(**{**config.__dict__, "seed": 8}))
+    assert first.accuracy == again.accuracy and first.agreement == again.agreement
+    assert first.accuracy != other.accuracy
+
+
+def test_mapping_counts_tiles(vgg_one_step):
+    summary = mapping_summary(vgg_one_step, 64)
+    rows = {row["name"]: row for row in summary["layers"]}
+    # features.10: 48 input channels of 3×3 kernels, 7 channels per 64-row tile → 7 row tiles; 96 columns → 2 column tiles.
+    assert rows["features.10"]["channels_per_tile"] == 7 and rows["features.10"]["row_tiles"] == 7 and rows["features.10"]["column_tiles"] == 2
+    assert summary["tiles"] == sum(row["row_tiles"] * row["column_tiles"] for row in summary["layers"])
+    with pytest.raises(CrossbarError, match="tile size"):
+        monte_carlo(vgg_one_step, torch.zeros(1, 1, 28, 28), None, CrossbarConfig(tile_size=100))
+
+
+def test_report_states_every_constant(vgg_one_step, resnet_teacher, images):
+    from edgesnn.pipeline import teacher_of
+    from edgesnn.crossbar import SweepConfig
+
+    x, y = images
+    result = profile(
+        vgg_one_step,
+        teacher_of(vgg_one_step, "vgg"),
+        x[:32],
+        y[:32],
+        ProfileConfig(crossbar=CrossbarConfig(variation=0.1, trials=2), sweeps=SweepConfig(variation=(0.0, 0.2), faults=(0.0,), adc_bits=(4,), trials=2), compare_timesteps=(2,), compare_variation=False),
+    )
+    document = result.document
+    report = report_markdown(document)
+    for name in TARGETS:
+        assert name in document["energy_ratio"] and document["energy_ratio"][name] > 0
+        for key, constant in document["constants"][name].items():
+            assert constant["source"] and constant["source"] in report and key in report
+    assert document["constants"]["asic45nm"]["fp32_mac.pj"]["value"] == 4.6 and document["constants"]["asic45nm"]["fp32_ac.pj"]["value"] == 0.9
+    for assumption in document["assumptions"]:
+        assert assumption in report
+    for filename, png in result.plots.items():
+        assert png.startswith(b"\x89PNG") and f"({filename})" in report
+    assert [row["timesteps"] for row in document["crossbar"]["timesteps"]] == [1, 2]
+
+
+def test_user_target_files(tmp_path):
+    good = tmp_path / "mine.toml"
+    text = (load_target("asic45nm").origin)
+    good.write_text(open(text).read().replace('name = "asic45nm"', 'name = "mine"'))
+    assert load_target(good).name == "mine"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(text).read().replace(', source = "Horowitz, ISSCC 2014: 32-bit float add 0.9 pJ (a spike adds its weight)"', ""))
+    with pytest.raises(ProfileError, match="fp32_ac"):
+        load_target(bad)
+    with pytest.raises(ProfileError, match="asic45nm"):
+        load_target("no_such_target")
+    assert set(OP_CLASSES) <= {key.split(".")[0] for key in load_target("cortex_m4").constants}
+
+
+def test_cli_profile_json(vgg_one_step, tmp_path):
+    from edgesnn.pipeline import spiking_bytes
+
+    path = tmp_path / "vgg.pt"
+    path.write_bytes(spiking_bytes(vgg_one_step))
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", str(path), "--data", "packaged", "--limit", "40", "--crossbar", "64", "--variation", "0.05", "--trials", "2", "--no-sweep", "--out", str(tmp_path / "p"), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert set(document["energy_ratio"]) == set(TARGETS) and all(value > 0 for value in document["energy_ratio"].values())
+    assert document["crossbar"]["monte_carlo"]["trials"] == 2 and document["images"] == 40
+    assert (tmp_path / "p" / "report.md").is_file() and json.loads((tmp_path / "p" / "profile.json").read_text())["energy_ratio"] == document["energy_ratio"]
+    bad = runner.invoke(app, ["profile", str(path), "--data", "packaged", "--limit", "4", "--target", "nowhere"])
+    assert bad.exit_code == 1 and "nowhere" in bad.output
