@@ -191,8 +191,8 @@ def _ir_attenuation(layer: MappedLayer, tile_size: int, drop: float) -> torch.Te
 def program(layers: list[MappedLayer], config: CrossbarConfig) -> None:
     """Draw every trial's devices and store the weights they realise (in place on ``layers``).
 
-    Each layer draws from its own generator seeded by (seed, layer index), in a
-    fixed order, so a layer's devices do not depend on the other settings: a
+    Each layer draws variation and faults from their own generators seeded by
+    (seed, layer index), so a layer's devices do not depend on the other settings: a
     sweep over σ scales the same draws, and T=1 and T>1 meet the same devices.
     """
     g_off = 0.0 if math.isinf(config.on_off_ratio) else 1.0 / config.on_off_ratio
@@ -205,21 +205,24 @@ def program(layers: list[MappedLayer], config: CrossbarConfig) -> None:
         positive = g_off + (1 - g_off) * weight.clamp_min(0) / scale
         negative = g_off + (1 - g_off) * (-weight).clamp_min(0) / scale
         shape = (config.trials, *weight.shape)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        normal = [torch.randn(shape, generator=generator) for _ in range(2)]
-        uniform = [torch.rand(shape, generator=generator) for _ in range(2)]
         if config.weights_exact:
             positive, negative = positive.unsqueeze(0), negative.unsqueeze(0)
         else:
-            positive = positive * torch.exp(config.variation * normal[0])
-            negative = negative * torch.exp(config.variation * normal[1])
+            if config.variation > 0:
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 2 * index)
+                positive = positive * torch.exp(config.variation * torch.randn(shape, generator=generator))
+                negative = negative * torch.exp(config.variation * torch.randn(shape, generator=generator))
             if config.faults > 0:
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 2 * index + 1)
+                uniform = [torch.rand(shape, generator=generator) for _ in range(2)]
                 on_share = config.faults * config.stuck_on_share
                 positive = torch.where(uniform[0] < on_share, 1.0, torch.where(uniform[0] < config.faults, g_off, positive))
                 negative = torch.where(uniform[1] < on_share, 1.0, torch.where(uniform[1] < config.faults, g_off, negative))
             if config.ir_drop > 0:
                 attenuation = _ir_attenuation(layer, config.tile_size, config.ir_drop)
                 positive, negative = positive * attenuation, negative * attenuation
+            if positive.dim() == weight.dim():
+                positive, negative = positive.unsqueeze(0), negative.unsqueeze(0)
         gain = scale / (1 - g_off)
         if not config.weights_exact:
             layer.programmed = gain * (positive - negative)

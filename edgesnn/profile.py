@@ -799,17 +799,21 @@ def report_markdown(document: dict[str, Any], title: str = "Hardware profile") -
 
 
 def build_profile_config(timesteps: int) -> ProfileConfig:
-    """The quick profile a build writes: every target, a small Monte Carlo and three-point sweeps
-    on a few synthetic images (``edgesnn profile`` runs the full one)."""
+    """The quick profile a build writes on a few synthetic images (``edgesnn profile`` runs the full
+    one): every target; for a one-timestep model a Monte Carlo of 8 trials, three-point sweeps of 4
+    trials and T=1 against T=4, on 16 images; for a T>1 model (T times the simulation cost) a 4-trial Monte Carlo
+    on 64/T images, without sweeps."""
     from .crossbar import CrossbarConfig, SweepConfig
 
-    return ProfileConfig(
-        crossbar=CrossbarConfig(variation=0.1, trials=8),
-        sweeps=SweepConfig(variation=(0.0, 0.1, 0.3), faults=(0.0, 0.01, 0.05), adc_bits=(3, 5, 8), trials=4),
-        compare_timesteps=(4,) if timesteps == 1 else (),
-        compare_variation=False,
-        images=max(4, 32 // timesteps),
-    )
+    if timesteps == 1:
+        return ProfileConfig(
+            crossbar=CrossbarConfig(variation=0.1, trials=8),
+            sweeps=SweepConfig(variation=(0.0, 0.1, 0.3), faults=(0.0, 0.01, 0.05), adc_bits=(3, 5, 8), trials=4),
+            compare_timesteps=(4,),
+            compare_variation=False,
+            images=16,
+        )
+    return ProfileConfig(crossbar=CrossbarConfig(variation=0.1, trials=4), images=max(2, 64 // timesteps))
 
 
 def _mc_lines(rows: list[tuple[str, dict]], metric: str, header: str = "") -> list[str]:
