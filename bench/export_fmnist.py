@@ -6,16 +6,19 @@ For each zoo model it uses the build folder BUILDS/<model> (from
 `bench/private_binary_fmnist.py --keep BUILDS`, or built here with --budget
 when missing), exports every target, and measures on the test set:
 
-- agreement of ONNX (onnxruntime) predictions with the PyTorch model (the
-  float one-timestep SNN with its deployed weights), and bit-exactness of the
-  C harness's int64 logits with the integer reference, image by image;
+- agreement of the ONNX (onnxruntime), TFLite (LiteRT interpreter) and NIR
+  (edgesnn's NIR interpreter) predictions with the PyTorch model (the float
+  one-timestep SNN with its deployed weights), and bit-exactness of the C
+  harness's int64 logits with the integer reference, image by image;
 - accuracy of each;
 - file sizes; the C build's text/data/bss (`size` of the compiled objects: the
   arena is bss) and the arena the exporter planned;
-- latency per image: onnxruntime at batch 1 and 64 (1 thread), the C harness
-  at batch 1 (it runs one image at a time; -O2, 1 core);
-- the same figures for the fp32 teacher (BatchNorm folded) exported to ONNX,
-  so every ratio is measured in one run.
+- latency per image: onnxruntime and LiteRT at batch 1 and 64 (1 thread), the
+  C harness at batch 1 (it runs one image at a time; -O2, 1 core);
+- the same figures for the fp32 teacher (BatchNorm folded) exported to ONNX
+  and to TFLite, float32 and int8 (`bench/teacher_tflite.py`; int8 calibrated
+  on 512 real training images: the teacher is only a baseline), so every ratio
+  is measured in one run.
 
 Prints Markdown for BENCHMARKS.md; raw figures go to bench/results/export_fmnist.json.
 """
@@ -37,13 +40,18 @@ import onnxruntime
 import torch
 
 from edgesnn.datasets import load_labelled_images
-from edgesnn.export import RUNNERS, compile_c, deployment_model, images_from_pixels, lower, pixels_from_images, run_c_harness, run_reference
+from edgesnn.export import NIR_FILE, RUNNERS, TFLITE_FILE, compile_c, deployment_model, images_from_pixels, lower, pixels_from_images, run_c_harness, run_reference
 from edgesnn.export.to_c import arena_bytes, weight_bytes
 from edgesnn.pipeline import build, export_to, read_model_target, read_teacher
 from edgesnn.privatize import snn_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from private_binary_fmnist import build_config  # noqa: E402
+
+try:
+    from teacher_tflite import teacher_tflite_bytes  # noqa: E402
+except ImportError:  # the teacher's TFLite baseline is optional
+    teacher_tflite_bytes = None
 
 DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -67,6 +75,17 @@ def onnx_latency_ms(data: bytes, images: np.ndarray, batch: int, count: int) -> 
         session.run(None, {name: chunk})
         done += len(chunk)
     return 1000 * (time.perf_counter() - started) / done
+
+
+def tflite_latency_ms(data: bytes, images: np.ndarray, batch: int, count: int) -> float:
+    """Mean milliseconds per image in the LiteRT interpreter, 1 thread, ``count`` images in batches of ``batch``."""
+    from edgesnn.export.to_tflite import run_tflite
+
+    run_tflite(data, images[:batch], batch=batch)  # warm-up
+    count = min(count, len(images)) // batch * batch
+    started = time.perf_counter()
+    run_tflite(data, images[:count], batch=batch)
+    return 1000 * (time.perf_counter() - started) / count
 
 
 def teacher_onnx(folder: Path) -> bytes:
@@ -110,9 +129,12 @@ def measure(name: str, folder: Path, pixels: torch.Tensor, labels: torch.Tensor,
     predictions = pytorch.argmax(1)
     integer = run_reference(program, pixels)
     onnx_logits = torch.from_numpy(RUNNERS["onnx"](folder, deployed, pixels))
+    tflite_logits = torch.from_numpy(RUNNERS["tflite"](folder, deployed, pixels))
+    nir_logits = torch.from_numpy(RUNNERS["nir"](folder, deployed, pixels))
     executable = compile_c(folder, work / f"{name}-c")
     c_logits = torch.from_numpy(run_c_harness(executable, pixels))
     onnx_data = (folder / "model.onnx").read_bytes()
+    tflite_data = (folder / TFLITE_FILE).read_bytes()
     teacher_data = teacher_onnx(folder)
     array = images.numpy()
     teacher_images = array
@@ -125,12 +147,19 @@ def measure(name: str, folder: Path, pixels: torch.Tensor, labels: torch.Tensor,
             "integer_reference": round(float((integer.argmax(1) == labels).float().mean()), 5),
             "onnx": round(float((onnx_logits.argmax(1) == labels).float().mean()), 5),
             "c": round(float((c_logits.argmax(1) == labels).float().mean()), 5),
+            "tflite": round(float((tflite_logits.argmax(1) == labels).float().mean()), 5),
+            "nir": round(float((nir_logits.argmax(1) == labels).float().mean()), 5),
         },
         "onnx_agreement_with_pytorch": round(float((onnx_logits.argmax(1) == predictions).float().mean()), 5),
+        "tflite_agreement_with_pytorch": round(float((tflite_logits.argmax(1) == predictions).float().mean()), 5),
+        "tflite_agreement_with_integer_reference": round(float((tflite_logits.argmax(1) == integer.argmax(1)).float().mean()), 5),
+        "nir_agreement_with_pytorch": round(float((nir_logits.argmax(1) == predictions).float().mean()), 5),
         "integer_agreement_with_pytorch": round(float((integer.argmax(1) == predictions).float().mean()), 5),
         "c_bit_exact_images": int((c_logits == integer).all(1).sum()),
         "bytes": {
             "onnx": len(onnx_data),
+            "tflite": len(tflite_data),
+            "nir": len((folder / NIR_FILE).read_bytes()),
             "teacher_onnx_fp32": len(teacher_data),
             "c_constants": weight_bytes(program),
             "c_arena": arena_bytes(program),
@@ -141,11 +170,42 @@ def measure(name: str, folder: Path, pixels: torch.Tensor, labels: torch.Tensor,
             "onnx_batch64": round(onnx_latency_ms(onnx_data, array, 64, 2048), 4),
             "teacher_onnx_batch1": round(onnx_latency_ms(teacher_data, teacher_images, 1, 1000), 4),
             "teacher_onnx_batch64": round(onnx_latency_ms(teacher_data, teacher_images, 64, 2048), 4),
+            "tflite_batch1": round(tflite_latency_ms(tflite_data, array, 1, 1000), 4),
+            "tflite_batch64": round(tflite_latency_ms(tflite_data, array, 64, 2048), 4),
             "c_batch1": round(c_latency_us(executable, pixels[:200], 10) / 1000, 4),
             "pytorch_batch1000_per_image": round(1000 * pytorch_seconds / len(labels), 4),
         },
     }
+    if teacher_tflite_bytes is not None:
+        row["teacher_tflite"] = teacher_tflite_rows(folder, array, predictions_of_teacher(folder, images), labels)
     return row
+
+
+def predictions_of_teacher(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    teacher = read_teacher(folder / "teacher.pt")
+    with torch.no_grad():
+        return torch.cat([teacher.network(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1)
+
+
+def teacher_tflite_rows(folder: Path, images: np.ndarray, teacher_predictions: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The fp32 teacher as float32 and int8 TFLite: size, accuracy, agreement with the PyTorch teacher, LiteRT latency."""
+    from edgesnn.export.to_tflite import run_tflite
+
+    teacher = read_teacher(folder / "teacher.pt")
+    train = load_labelled_images(DATA, "train", None, 512)
+    calibration = images_from_pixels(pixels_from_images(torch.from_numpy(train.images), None), teacher.normalize).numpy()
+    rows = {}
+    for mode in ("float", "int8"):
+        data = teacher_tflite_bytes(teacher, mode, calibration)
+        logits = torch.from_numpy(run_tflite(data, images, batch=256))
+        rows[mode] = {
+            "bytes": len(data),
+            "accuracy": round(float((logits.argmax(1) == labels).float().mean()), 5),
+            "agreement_with_pytorch_teacher": round(float((logits.argmax(1) == teacher_predictions).float().mean()), 5),
+            "ms_batch1": round(tflite_latency_ms(data, images, 1, 1000), 4),
+            "ms_batch64": round(tflite_latency_ms(data, images, 64, 2048), 4),
+        }
+    return rows
 
 
 def main() -> None:
@@ -172,23 +232,47 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "results": rows}, indent=2) + "\n")
-    print("| model | final model | images | PyTorch | integer ref. | ONNX | C | ONNX = PyTorch | C bit-exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | final model | images | PyTorch | integer ref. | ONNX | TFLite | C | NIR | integer ref. = PyTorch | ONNX = PyTorch | TFLite = PyTorch | NIR = PyTorch | C bit-exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         a = row["accuracy"]
         print(
-            f"| {row['model']} | {row['final_model']} | {row['images']} | {100 * a['pytorch']:.2f} | {100 * a['integer_reference']:.2f} | {100 * a['onnx']:.2f} | {100 * a['c']:.2f} "
-            f"| {100 * row['onnx_agreement_with_pytorch']:.2f}% | {row['c_bit_exact_images']}/{row['images']} |"
+            f"| {row['model']} | {row['final_model']} | {row['images']} | {100 * a['pytorch']:.2f} | {100 * a['integer_reference']:.2f} | {100 * a['onnx']:.2f} "
+            f"| {100 * a['tflite']:.2f} | {100 * a['c']:.2f} | {100 * a['nir']:.2f} | {100 * row['integer_agreement_with_pytorch']:.2f}% "
+            f"| {100 * row['onnx_agreement_with_pytorch']:.2f}% | {100 * row['tflite_agreement_with_pytorch']:.2f}% | {100 * row['nir_agreement_with_pytorch']:.2f}% "
+            f"| {row['c_bit_exact_images']}/{row['images']} |"
         )
     print()
-    print("| model | ONNX bytes | teacher ONNX fp32 bytes | C constants | C text / data / bss | arena | ONNX ms (b=1) | ONNX ms/img (b=64) | teacher ONNX ms (b=1) | teacher ms/img (b=64) | C ms (b=1) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("Sizes (bytes):")
+    print()
+    print("| model | ONNX | TFLite (16x8) | NIR | C constants | C text / data / bss | arena | teacher ONNX fp32 | teacher TFLite fp32 | teacher TFLite int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        b, l, c = row["bytes"], row["latency_ms"], row["c_build"]
+        b, c, t = row["bytes"], row["c_build"], row.get("teacher_tflite", {})
+        teacher = [f"{t[m]['bytes']:,}" if m in t else "n/a" for m in ("float", "int8")]
         print(
-            f"| {row['model']} | {b['onnx']:,} | {b['teacher_onnx_fp32']:,} | {b['c_constants']:,} | {c['text']:,} / {c['data']:,} / {c['bss']:,} | {b['c_arena']:,} "
-            f"| {l['onnx_batch1']:.3f} | {l['onnx_batch64']:.3f} | {l['teacher_onnx_batch1']:.3f} | {l['teacher_onnx_batch64']:.3f} | {l['c_batch1']:.3f} |"
+            f"| {row['model']} | {b['onnx']:,} | {b['tflite']:,} | {b['nir']:,} | {b['c_constants']:,} | {c['text']:,} / {c['data']:,} / {c['bss']:,} | {b['c_arena']:,} "
+            f"| {b['teacher_onnx_fp32']:,} | {teacher[0]} | {teacher[1]} |"
         )
+    print()
+    print("Latency (ms per image, 1 thread; b = batch):")
+    print()
+    print("| model | SNN ONNX b=1 | b=64 | SNN TFLite b=1 | b=64 | SNN C b=1 | teacher ONNX b=1 | b=64 | teacher TFLite fp32 b=1 | b=64 | teacher TFLite int8 b=1 | b=64 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        l, t = row["latency_ms"], row.get("teacher_tflite", {})
+        teacher = " | ".join(f"{t[m]['ms_batch1']:.3f} | {t[m]['ms_batch64']:.3f}" if m in t else "n/a | n/a" for m in ("float", "int8"))
+        print(
+            f"| {row['model']} | {l['onnx_batch1']:.3f} | {l['onnx_batch64']:.3f} | {l['tflite_batch1']:.3f} | {l['tflite_batch64']:.3f} | {l['c_batch1']:.3f} "
+            f"| {l['teacher_onnx_batch1']:.3f} | {l['teacher_onnx_batch64']:.3f} | {teacher} |"
+        )
+    if any("teacher_tflite" in row for row in rows):
+        print()
+        print("| model | teacher TFLite | accuracy | = PyTorch teacher |")
+        print("|---|---|---|---|")
+        for row in rows:
+            for mode, entry in row.get("teacher_tflite", {}).items():
+                print(f"| {row['model']} | {mode} | {100 * entry['accuracy']:.2f} | {100 * entry['agreement_with_pytorch_teacher']:.2f}% |")
 
 
 if __name__ == "__main__":
