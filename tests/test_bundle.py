@@ -44,7 +44,7 @@ def test_manifest_hashes_every_file_and_records_versions_config_metrics(signed_b
         data = (folder / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
     assert {"edgesnn", "torch", "numpy", "onnx", "python", "cryptography"} <= set(manifest["versions"])
-    assert set(manifest["stages"]) == {"load", "synth", "convert", "export"}
+    assert {"load", "synth", "convert", "export"} <= set(manifest["stages"])
     assert manifest["stages"]["convert"]["config"]["convert"]["timesteps"] == 1 and manifest["stages"]["synth"]["metrics"]
     assert manifest["bundle"]["encrypted"] == {} and manifest["datasets_read_by_build"] == []
     assert not list(folder.parent.glob(".*.partial"))  # the staging folder was renamed into place
