@@ -61,6 +61,7 @@ class TrainConfig:
     feature_weight: float = 0.0  # β of layer-wise feature distillation; off: 1.0 did not help the VGG (BENCHMARKS.md, tuning runs)
     coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
     surrogate_width: float = 1.0  # half-width of the triangular surrogate, in units of θ
+    threshold_floor: float = 0.1  # θ never falls below this fraction of its value when training starts (per channel)
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
     seed: int = 0
 
@@ -110,9 +111,12 @@ class _SpikeFunction(torch.autograd.Function):
 class TrainableIF(nn.Module):
     """Integrate-and-fire neurons (as ``convert.IFNeuron``) with a trainable θ and a surrogate gradient."""
 
-    def __init__(self, threshold: torch.Tensor, initial_membrane: float, width: float, amplitude: torch.Tensor | None = None):
+    def __init__(self, threshold: torch.Tensor, initial_membrane: float, width: float, amplitude: torch.Tensor | None = None, floor: float = 0.0):
         super().__init__()
         self.threshold = nn.Parameter(threshold.detach().clone().float())
+        # A relative floor: with θ also the spike amplitude, a channel whose θ heads to 0 goes silent for good
+        # (seen on the ResNet stem); it stops at a fraction of where it started instead.
+        self.register_buffer("floor", (threshold.detach().clone().float() * floor).clamp_min(1e-4))
         # A spike's amplitude: θ, or a trainable scalar of its own (see SpikingModel.amplitudes).
         self.amplitude = None if amplitude is None else nn.Parameter(amplitude.detach().clone().float().reshape(()))
         self.initial_membrane = initial_membrane
@@ -121,7 +125,7 @@ class TrainableIF(nn.Module):
         self.batch = 0
 
     def theta(self, like: torch.Tensor) -> torch.Tensor:
-        theta = self.threshold.clamp_min(1e-4)
+        theta = torch.maximum(self.threshold, self.floor)
         if theta.dim() == 1 and like.dim() > 2:
             theta = theta.reshape(-1, *([1] * (like.dim() - 2)))
         return theta
@@ -188,10 +192,10 @@ def weight_format(graph: Graph, name: str) -> str:
 class TrainingNetwork(nn.Module):
     """The SNN as an ``nn.Module`` whose weights, biases and thresholds are trainable."""
 
-    def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None):
+    def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None, floor: float = 0.0):
         super().__init__()
         self.model = model
-        self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width, model.amplitudes.get(name)) for name, theta in model.thresholds.items()})
+        self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width, model.amplitudes.get(name), floor) for name, theta in model.thresholds.items()})
         self.network = GraphNetwork(model.graph, {name: self.neurons[module_key(name)] for name in model.thresholds})
         self.formats = {node.name: weight_format(model.graph, node.name) for node in model.graph.weighted()}
         self.formats.update(formats or {})
@@ -224,7 +228,7 @@ class TrainingNetwork(nn.Module):
             layer = self.network.layer(node.name)
             for key in node.params:
                 node.params[key] = getattr(layer, key).detach().clone()
-        thresholds = {name: self.neurons[module_key(name)].threshold.detach().clamp_min(1e-4).clone() for name in self.model.thresholds}
+        thresholds = {name: self.neurons[module_key(name)].theta(self.neurons[module_key(name)].threshold).detach().clone() for name in self.model.thresholds}
         amplitudes = {name: self.neurons[module_key(name)].amplitude.detach().clamp_min(1e-4).clone() for name in self.model.amplitudes}
         return replace(self.model, graph=graph, thresholds=thresholds, timesteps=timesteps, amplitudes=amplitudes)
 
@@ -364,7 +368,7 @@ def train_spiking(
     sees; with ``latent`` the returned weights are the latent float ones (to
     continue training), else the quantized ones.
     """
-    network = TrainingNetwork(model, config.surrogate_width, formats)
+    network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor)
     if steps <= 0:
         return network.spiking_model(timesteps, latent), {"steps": 0}
     device = torch.device(config.device)
