@@ -461,6 +461,71 @@ def profile_command(
         stderr.print(f"report → {out / 'report.md'}")
 
 
+def _audit_config():
+    from .audit import AuditConfig
+
+    return AuditConfig()
+
+
+@app.command("audit")
+@_handle_errors
+def audit_command(
+    target: str = typer.Argument(..., help="A build folder or bundle (its final model; teacher.pt, snn.pt and the manifest are read too) or a spiking model file."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="The ANN (zoo name, checkpoint, teacher.pt): baseline of attack 1 (default: the folder's teacher.pt)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Independent classifier that scores inversions: zoo judge name (fmnist_judge) or a model spec (default: the zoo judge of a zoo teacher, else the teacher)."),
+    members: Optional[str] = typer.Option(None, "--members", help="Images the teacher was trained on, DATA[:split], e.g. /usr/share/datasets/fashion-mnist:train. " + DATA_HELP),
+    non_members: Optional[str] = typer.Option(None, "--non-members", help="Images it never saw, DATA[:split], e.g. /usr/share/datasets/fashion-mnist:test."),
+    limit: int = typer.Option(2000, "--limit", min=1, help="Members and non-members used (the first N of each)."),
+    images_per_class: int = typer.Option(10, "--images-per-class", min=1, help="Inverted images per class and attack."),
+    attack_timesteps: int = typer.Option(4, "--attack-timesteps", min=1, help="T of the surrogate-gradient attack (the model's own T if smaller)."),
+    iterations: int = typer.Option(200, "--iterations", min=2, help="Inversion steps per image."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write audit.json, audit.md and the inverted-image grids here (default: the build folder; for a signed bundle, FOLDER-audit beside it)."),
+    seed: int = SEED,
+    json_output: bool = JSON,
+) -> None:
+    """Privacy audit: class leakage by two inversion attacks, weight similarity, data leakage, membership inference.
+
+    attack_success = share of inverted images the judge classifies as their class (chance: 1/classes).
+    """
+    from .audit import AuditConfig, summary
+    from .pipeline import EvalConfig, audit_to, load_eval_data, read_model_target
+
+    def data(spec: Optional[str], normalize):
+        if spec is None:
+            return None
+        path, _, split = spec.rpartition(":") if spec.endswith((":train", ":test")) else (spec, "", "test")
+        return load_eval_data(EvalConfig(data=path, limit=limit, split=split), normalize)
+
+    model, _ = read_model_target(target)
+    member_set, non_member_set = data(members, model.normalize), data(non_members, model.normalize)
+    if out is None and Path(target).is_dir():
+        from .bundle import SIGNATURE_FILE
+
+        # A sealed bundle stays as signed: files added to it would show up as "extra" in verify.
+        out = Path(target) if not (Path(target) / SIGNATURE_FILE).is_file() else Path(str(Path(target).resolve()) + "-audit")
+    config = AuditConfig(images_per_class=images_per_class, iterations=iterations, attack_timesteps=attack_timesteps, seed=seed)
+    with _Bars(enabled=not json_output) as bars:
+        document = audit_to(target, teacher, judge, member_set, non_member_set, out, config, None, bars)
+    if json_output:
+        _print_json(summary(document))
+        return
+    table = Table(title=f"privacy audit of {document['model']['file']} (judge: {document['judge']})", title_justify="left")
+    for column in ("attack", "model", "attack success", "chance"):
+        table.add_column(column, justify="left" if column in ("attack", "model") else "right")
+    for attack, entries in document["attacks"].items():
+        for name, entry in entries.items():
+            table.add_row(attack, name, f"{entry['attack_success']:.1%}", f"{entry['chance']:.1%}")
+    stderr.print(table)
+    stderr.print(f"data leakage: {document['data_leakage']['statement']}")
+    if "membership" in document:
+        for name in ("deployed", "ann"):
+            if name in document["membership"]:
+                m = document["membership"][name]
+                stderr.print(f"membership inference ({name}): loss AUC {m['loss_auc']:.3f}, confidence AUC {m['confidence_auc']:.3f}")
+    if out is not None:
+        stderr.print(f"audit → {out / 'audit.json'}")
+
+
 @app.command("build")
 @_handle_errors
 def build_command(
@@ -491,6 +556,7 @@ def build_command(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
     eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data (a retrained model: those up to its T)."),
     targets: str = typer.Option("all", "--targets", help=TARGETS_HELP + " 'none' skips the export."),
+    audit: bool = typer.Option(False, "--audit", help="Privacy audit of the final model into the bundle (audit.json, audit.md, inverted-image grids; ~1 min on 2 cores); `edgesnn audit` for membership inference."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Sign the bundle's manifest with this Ed25519 private key (from `edgesnn keygen`)."),
     encrypt_key: Optional[Path] = typer.Option(None, "--encrypt-key", help="Encrypt the weight-bearing artifacts with AES-256-GCM under this 32-byte key file (`edgesnn keygen --aes`)."),
     encrypt_passphrase: bool = typer.Option(False, "--encrypt-passphrase", help=PASSPHRASE_HELP),
@@ -549,6 +615,7 @@ def build_command(
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
         targets=None if targets.strip() == "none" else targets,
         seed=seed,
+        audit=_audit_config() if audit else None,
         seal=_seal_config(sign_key, encrypt_key, encrypt_passphrase),
     )
     with _Bars() as bars:

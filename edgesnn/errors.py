@@ -91,3 +91,9 @@ class BundleError(EdgeSNNError):
 
 class TamperedBundleError(BundleError):
     """A bundle's manifest, signature or files do not match: it was altered or damaged."""
+
+
+class AuditError(EdgeSNNError):
+    """A privacy audit cannot run: missing teacher, mismatched member/non-member sets, bad configuration."""
+
+    stage = "audit"

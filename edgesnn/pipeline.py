@@ -118,6 +118,7 @@ class BuildConfig:
     targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
     profile: bool = True  # write profile.json, report.md and crossbar plots (quick settings, synthetic images)
+    audit: Any = None  # edgesnn.audit.AuditConfig: privacy audit of the final model (audit.json, audit.md, inverted-image grids); None: none
     seal: bundle.SealConfig = field(default_factory=bundle.SealConfig)  # signing and encryption of the finished bundle
 
 
@@ -480,6 +481,8 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
         _export_stage(run, final, final_file, final_digest, synthetic, config.targets)
     if config.profile:
         _profile_stage(run, teacher, final, final_file, final_digest, synthetic, synthetic_outputs[SYNTHETIC_FILE], progress)
+    if config.audit is not None:
+        _audit_stage(run, teacher, final, final_file, final_digest, converted if final is not converted else None, model_outputs[SNN_FILE], teacher_outputs[TEACHER_FILE], dataclasses.replace(config.audit, seed=config.seed), progress)
 
     report = None
     if config.evaluation.data is not None:
@@ -792,3 +795,132 @@ def profile_to(target: str, config, data: LabelledImages | None, out: Path | Non
             write_atomic(out / filename, payload)
     return _jsonable(result.document)
 
+
+
+# ---------------------------------------------------------------------------
+# Privacy audit
+
+AUDIT_FILE = "audit.json"
+AUDIT_REPORT = "audit.md"
+
+
+def audit_inverter(iterations: int = 200, tv_weight: float = 1e-2, l2_weight: float = 1e-3):
+    """The attacker of ``edgesnn.audit``: ``edgesnn.synth.invert`` (class CE + image priors, no BN term)."""
+    synth = _synth()
+
+    def invert(network, labels, input_shape, normalize, seed, progress):
+        config = synth.SynthConfig(
+            count=len(labels), batch_size=min(128, len(labels)), iterations=iterations, min_iterations=iterations // 2,
+            stop_confidence=0.99, tv_weight=tv_weight, l2_weight=l2_weight, seed=seed,
+        )
+        return synth.invert(network, labels, input_shape, normalize, config, lambda task, done, total: progress("invert", done, total))
+
+    return invert
+
+
+def load_judge(spec: str | None, teacher: Teacher | None):
+    """``--judge``: a zoo judge name or any classifier spec; without one, the zoo judge of a zoo teacher, else None (the teacher judges)."""
+    from .audit import Judge
+    from .zoo import JUDGES, judge_for
+
+    if spec is None:
+        entry = judge_for(teacher.source.removeprefix("zoo:")) if teacher is not None and teacher.source.startswith("zoo:") else None
+        if entry is None:
+            return None
+        spec = entry.name
+    name = spec.removeprefix("zoo:")
+    if name in JUDGES:
+        entry = JUDGES[name]
+        if not entry.weights_path.is_file():
+            raise PipelineError(f"judge {name!r}: weights {entry.weights_path} missing (train them with scripts/train_zoo.py --models {name})")
+        network = entry.factory()
+        network.load_state_dict(torch.load(entry.weights_path, map_location="cpu", weights_only=True))
+        return Judge(network.eval(), entry.normalize, f"zoo:{name} (test accuracy {entry.metadata.get('test_accuracy', 'unknown')})")
+    judge_teacher = load_teacher(spec)
+    return Judge(judge_teacher.network, judge_teacher.normalize, spec)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as error:
+        raise ArtifactError(f"{path}: not a readable manifest ({error})") from None
+    return document if isinstance(document, dict) else None
+
+
+def audit_to(
+    target: str,
+    teacher_spec: str | None = None,
+    judge_spec: str | None = None,
+    members: LabelledImages | None = None,
+    non_members: LabelledImages | None = None,
+    out: Path | None = None,
+    config=None,
+    inverter=None,
+    progress: Progress = no_progress,
+) -> dict[str, Any]:
+    """``edgesnn audit``: audit a build folder's final model (or a model file); write audit.json, audit.md and PNG grids into ``out``.
+
+    From a build folder the teacher (teacher.pt), the plain converted SNN (snn.pt) and
+    the manifest are read as well; ``teacher_spec`` overrides the teacher.
+    """
+    from .audit import AuditConfig, MembershipData, audit
+
+    model, name = read_model_target(target)
+    folder = Path(target) if Path(target).is_dir() else None
+    teacher = None
+    if teacher_spec is not None:
+        resolved, _ = resolve_model(teacher_spec)
+        teacher = resolved
+    elif folder is not None and (folder / TEACHER_FILE).is_file():
+        teacher = read_teacher(folder / TEACHER_FILE)
+    converted = read_spiking(folder / SNN_FILE) if folder is not None and (folder / SNN_FILE).is_file() and name != f"{folder.name}/{SNN_FILE}" else None
+    membership = None
+    if (members is None) != (non_members is None):
+        raise PipelineError("membership inference needs both --members and --non-members")
+    if members is not None:
+        membership = MembershipData(
+            torch.from_numpy(members.images), torch.from_numpy(members.labels), torch.from_numpy(non_members.images), torch.from_numpy(non_members.labels), f"members: {members.source}; non-members: {non_members.source}"
+        )
+    config = config or AuditConfig()
+    result = audit(
+        model, inverter or audit_inverter(config.iterations), teacher, converted, load_judge(judge_spec, teacher), membership,
+        _read_manifest(folder) if folder is not None else None, config, progress,
+    )
+    files = _audit_files(result, name, teacher, model)
+    if out is not None:
+        for filename, payload in files.items():
+            write_atomic(out / filename, payload)
+    return json.loads(files[AUDIT_FILE])
+
+
+def _audit_stage(run: _Run, teacher: Teacher, model: SpikingModel, model_file: str, model_digest: str, converted: SpikingModel | None, converted_digest: str, teacher_digest: str, config, progress: Progress) -> None:
+    """Stage audit (``build --audit``): class leakage against the converted SNN and the teacher; no real data."""
+    from .audit import audit
+
+    inputs = {model_file: model_digest, TEACHER_FILE: teacher_digest}
+    if converted is not None:
+        inputs[SNN_FILE] = converted_digest
+
+    def compute():
+        judge = load_judge(None, teacher)
+        result = audit(model, audit_inverter(config.iterations), teacher, converted, judge, None, run.manifest, config, progress)
+        return result, _audit_files(result, model_file, teacher, model), {"privacy_gain": result.document["privacy_gain"], "seconds": result.document["seconds"]}
+
+    run.stage("audit", {"audit": config}, inputs, compute, lambda: None)
+
+
+def _audit_files(result, model_file: str, teacher: Teacher | None, model: SpikingModel) -> dict[str, bytes]:
+    from .audit import report_markdown
+
+    synth = _synth()
+    document = _jsonable(result.document)
+    document["model"] = {"file": model_file, "ann": teacher.source if teacher is not None else None}
+    files = {AUDIT_FILE: (json.dumps(document, indent=2) + "\n").encode(), AUDIT_REPORT: report_markdown(document).encode()}
+    for inversion in result.inversions:
+        grid = SyntheticSet(inversion.images, inversion.labels, torch.zeros(len(inversion.labels), model.num_classes), f"audit {inversion.attack}", {})
+        files[f"audit-{inversion.model}-{inversion.attack}.png"] = synth.preview_png(grid, model.normalize)
+    return files

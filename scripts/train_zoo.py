@@ -1,6 +1,7 @@
 """Train the zoo teachers on the Fashion-MNIST training set and record their test accuracy.
 
     python scripts/train_zoo.py [--models fmnist_resnet8,fmnist_vgg] [--epochs 20] [--seed 0]
+    python scripts/train_zoo.py --models fmnist_judge --epochs 6 --lr 0.02   # the audit judge (~2 min)
 
 Needs the Debian package `dataset-fashion-mnist` (or --data pointing at an IDX
 folder). Writes edgesnn/zoo/<name>.pt (a plain state_dict) and updates
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgesnn.datasets import load_labelled_images  # noqa: E402
-from edgesnn.zoo import ZOO, ZOO_DIR  # noqa: E402
+from edgesnn.zoo import JUDGES, ZOO, ZOO_DIR  # noqa: E402
+
+TRAINABLE = {**ZOO, **JUDGES}  # the teachers and the audit judges
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 
@@ -62,7 +65,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 
 def train(name: str, data: str, epochs: int, seed: int, batch: int, lr: float, checkpoint: Path | None = None) -> dict:
-    entry = ZOO[name]
+    entry = TRAINABLE[name]
     torch.manual_seed(seed)
     np.random.seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -139,8 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
-        if name not in ZOO:
-            sys.exit(f"error: unknown zoo model {name!r}; valid: {', '.join(ZOO)}")
+        if name not in TRAINABLE:
+            sys.exit(f"error: unknown zoo model {name!r}; valid: {', '.join(TRAINABLE)}")
         checkpoint = args.checkpoint_dir / f"{name}-{args.epochs}ep-seed{args.seed}.state" if args.checkpoint_dir else None
         record = train(name, args.data, args.epochs, args.seed, args.batch, args.lr, checkpoint)
         path = ZOO_DIR / "zoo.json"

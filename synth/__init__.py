@@ -23,7 +23,7 @@ from .deepinversion import class_balanced_labels, frozen
 from .png import encode_png, preview_png
 from .quality import batchnorm_layers, last_linear, measure
 
-__all__ = ["METHODS", "SynthConfig", "encode_png", "preview_png", "synthesize"]
+__all__ = ["METHODS", "SynthConfig", "encode_png", "invert", "preview_png", "synthesize"]
 
 METHODS = ("auto", "deepinversion", "data_impression")
 
@@ -155,3 +155,29 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
         metrics=metrics,
         config=dataclasses.asdict(config),
     )
+
+
+def invert(
+    network: torch.nn.Module,
+    labels: torch.Tensor,
+    input_shape: tuple[int, int, int],
+    normalize,
+    config: SynthConfig = SynthConfig(),
+    progress: Progress = no_progress,
+) -> torch.Tensor:
+    """Class-representative images of any differentiable classifier: a model-inversion attacker.
+
+    DeepInversion without the BatchNorm term (the attacked network need not have
+    BN statistics: a BN-folded or spiking graph has none),
+
+        L(x̂) = CE(f(x̂), y) + a_tv · TV(x̂) + a_l2 · ‖x̂‖²,
+
+    through the same pool engine (jitter, flips, low-resolution warm start,
+    per-image cosine schedule; an image may stop once ``f`` gives its class
+    ``stop_confidence``). Returns N×C×H×W images in the normalised input space.
+    """
+    _check_config(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    with frozen(network):
+        result = deepinversion.optimise_images(network, labels, tuple(int(v) for v in input_shape), normalize, config, deepinversion.class_objective(config), generator, progress)
+    return result.images.detach().float().cpu()

@@ -325,6 +325,18 @@ def optimise_images(
     return PoolResult(images=images, iterations=iterations)
 
 
+def class_objective(config: SynthConfig) -> Objective:
+    """Cross-entropy towards each image's label; finished once the network gives it ``stop_confidence``."""
+
+    def image_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def finished(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(1).gather(1, targets[:, None]).squeeze(1) >= config.stop_confidence
+
+    return Objective(image_losses, finished)
+
+
 def synthesize_images(
     network: nn.Module,
     labels: torch.Tensor,
@@ -336,14 +348,8 @@ def synthesize_images(
 ) -> PoolResult:
     """DeepInversion images for ``labels`` (see module docstring); the network must be frozen and have BN layers."""
 
-    def image_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, reduction="none")
-
-    def finished(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(1).gather(1, targets[:, None]).squeeze(1) >= config.stop_confidence
-
     batchnorm = BatchNormMatching(network, config.first_bn_multiplier)
     try:
-        return optimise_images(network, labels, input_shape, normalize, config, Objective(image_losses, finished), generator, progress, batchnorm)
+        return optimise_images(network, labels, input_shape, normalize, config, class_objective(config), generator, progress, batchnorm)
     finally:
         batchnorm.remove()

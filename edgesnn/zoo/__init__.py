@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from .models import ResNetSmall, VGGSmall
+from .models import LeNetJudge, ResNetSmall, VGGSmall
 
 ZOO_DIR = Path(__file__).parent
 FASHION_MNIST_NORMALIZE = ((0.2860,), (0.3530,))
@@ -70,3 +70,24 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 DEFAULT_ZOO_MODEL = "fmnist_resnet8"
+
+# Judges of the privacy audit: classifiers trained separately on the same real data
+# as the teachers, with another architecture. Not teachers, so not in ZOO.
+JUDGES: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            "fmnist_judge",
+            lambda: LeNetJudge(num_classes=10, in_channels=1),
+            "LeNet-style judge (5x5 convs, max pooling, tanh, no BatchNorm) for Fashion-MNIST audits",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
+    )
+}
+
+
+def judge_for(teacher_name: str) -> ZooEntry | None:
+    """The audit judge of a zoo teacher (same data set), or None."""
+    return JUDGES["fmnist_judge"] if teacher_name.startswith("fmnist_") else None

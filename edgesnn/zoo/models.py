@@ -74,3 +74,23 @@ class ResNetSmall(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(self.stem(x))
         return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class LeNetJudge(nn.Module):
+    """The privacy audit's judge for Fashion-MNIST: a LeNet-style CNN, deliberately unlike the teachers.
+
+    5×5 convolutions, max pooling, tanh in the hidden dense layer and no BatchNorm
+    or residuals, trained separately on the real training set, so that an image it
+    recognises carries class features rather than one teacher's idiosyncrasies.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 5 * 5, 128), nn.Tanh(), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
