@@ -91,7 +91,7 @@ def test_private_binary_cli_json(tmp_path) -> None:
     for key in ("ann_accuracy", "snn_accuracy", "binary_fraction", "size_ratio", "layers", "stages"):
         assert key in document, key
     assert list(document["snn_accuracy"]) == ["1"] and document["timesteps"] == 1
-    assert set(document["stages"]) == {"load", "synth", "convert", "privatize", "binarize", "export", "eval"}
+    assert set(document["stages"]) == {"load", "synth", "convert", "privatize", "binarize", "export", "profile", "eval"}
     layers = document["layers"]
     assert all(layer["weight_format"] in ("int8", "binary") for layer in layers.values())
     assert document["binary_fraction"] == pytest.approx(sum(l["weights"] for l in layers.values() if l["binarized"]) / sum(l["weights"] for l in layers.values()), abs=1e-4)
