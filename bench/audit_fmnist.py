@@ -46,11 +46,27 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit_fmnist.json")
+    parser.add_argument("--membership-only", action="store_true", help="recompute only the membership figures of an existing --out (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     members = load_labelled_images(DATA, "train", FASHION_MNIST_NORMALIZE, args.members)
     non_members = load_labelled_images(DATA, "test", FASHION_MNIST_NORMALIZE, args.members)
     membership = MembershipData(*(torch.from_numpy(a) for a in (members.images, members.labels, non_members.images, non_members.labels)), f"{args.members} train / {args.members} test images of {DATA}")
+    if args.membership_only:
+        from edgesnn.audit import membership_inference
+        from edgesnn.privatize import snn_logits
+
+        results = json.loads(args.out.read_text())
+        for name, document in results["models"].items():
+            folder = args.builds / name
+            teacher, deployed = read_teacher(folder / "teacher.pt"), read_spiking(folder / "binary.pt")
+            teacher_network = teacher.network
+            with torch.no_grad():
+                document["membership"]["deployed"] = membership_inference(lambda images: snn_logits(deployed, images), membership)
+                document["membership"]["ann"] = membership_inference(teacher_network, membership)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print_tables(results)
+        return
     config = AuditConfig(images_per_class=args.images_per_class, iterations=args.iterations, attack_timesteps=args.attack_timesteps)
     inverter = audit_inverter(config.iterations)
     grids = args.out.parent / "audit_fmnist"
@@ -87,7 +103,10 @@ def main() -> None:
             print("  " + attack + ": " + ", ".join(f"{model} {entry['attack_success']:.1%}" for model, entry in entries.items()), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_tables(results)
 
+
+def print_tables(results: dict) -> None:
     print("\n| model | attack | ANN | converted SNN | private binary SNN | privacy gain |")
     print("|---|---|---|---|---|---|")
     for name, document in results["models"].items():

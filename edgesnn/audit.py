@@ -201,9 +201,10 @@ def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def membership_inference(logits_of: Callable[[torch.Tensor], torch.Tensor], data: MembershipData) -> dict[str, Any]:
-    """Loss and confidence threshold attacks (Yeom et al., 2018): members tend to have lower loss, higher confidence.
+    """Loss and confidence threshold attacks: members tend to have lower loss and higher confidence.
 
-    loss attack: score = −CE(f(x), y); confidence attack: score = softmax(f(x))_y.
+    loss attack (Yeom et al., 2018): score = −CE(f(x), y), which needs the label;
+    confidence attack (Salem et al., 2019): score = max_k softmax(f(x))_k, which does not.
     A threshold on the score is the attack; its ROC AUC over all thresholds is reported.
     """
     member_logits, non_member_logits = logits_of(data.members), logits_of(data.non_members)
@@ -211,7 +212,7 @@ def membership_inference(logits_of: Callable[[torch.Tensor], torch.Tensor], data
     labels = torch.cat([data.member_labels, data.non_member_labels])
     is_member = torch.cat([torch.ones(len(member_logits), dtype=torch.bool), torch.zeros(len(non_member_logits), dtype=torch.bool)])
     loss = F.cross_entropy(logits, labels, reduction="none")
-    confidence = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
+    confidence = logits.softmax(1).amax(1)
     return {
         "loss_auc": round(roc_auc(-loss, is_member), 4),
         "confidence_auc": round(roc_auc(confidence, is_member), 4),
