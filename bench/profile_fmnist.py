@@ -1,6 +1,6 @@
 """Benchmark: the hardware profile of the zoo models, and the wall time of a 100-trial crossbar Monte Carlo.
 
-    .venv/bin/python bench/profile_fmnist.py [--builds bench/builds] [--images 1000] [--trials 100] [--models fmnist_resnet8,fmnist_vgg]
+    .venv/bin/python bench/profile_fmnist.py [--builds bench/builds] [--images 1000] [--trials 100] [--models fmnist_resnet8,fmnist_vgg] [--monte-carlo-only]
 
 For each model with a build folder (``bench/private_binary_fmnist.py --keep``):
 the ANN (teacher.pt, BatchNorm folded) against the converted SNN (snn.pt, run
@@ -10,7 +10,8 @@ ACs, spike rates, weight and activation bytes, energy and latency per built-in
 target and ``energy_ratio``. Then a ``--trials``-trial Monte Carlo of the binary
 model on crossbars (128×128 tiles) on the same images, timed: device variation
 alone, and every non-ideality at once. Writes bench/results/profile_fmnist.json
-and prints Markdown tables for BENCHMARKS.md.
+and prints Markdown tables for BENCHMARKS.md. ``--monte-carlo-only`` times the Monte
+Carlo alone and replaces only its figures in an existing results file.
 """
 
 from __future__ import annotations
@@ -42,16 +43,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile_fmnist.json")
+    parser.add_argument("--monte-carlo-only", action="store_true", help="skip the profiles; update the Monte Carlo figures in --out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_labelled_images(DATA, "test", FASHION_MNIST_NORMALIZE, args.images)
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
-    results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}, "images": len(images), "trials": args.trials, "models": {}}
+    machine = {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.monte_carlo_only:
+        results = json.loads(args.out.read_text())
+        results["monte_carlo_machine"] = machine
+    else:
+        results = {"machine": machine, "images": len(images), "trials": args.trials, "models": {}}
     for name in args.models.split(","):
         folder = args.builds / name
         teacher = read_teacher(folder / "teacher.pt")
-        entry: dict = {}
-        for label, file, steps in (("converted", "snn.pt", CONVERTED_T), ("binary", "binary.pt", 1)):
+        entry: dict = results["models"][name] if args.monte_carlo_only else {}
+        for label, file, steps in () if args.monte_carlo_only else (("converted", "snn.pt", CONVERTED_T), ("binary", "binary.pt", 1)):
             model = read_spiking(folder / file)
             started = time.perf_counter()
             document = profile(model, teacher, images, labels, ProfileConfig(timesteps=steps), DATA).document
@@ -91,6 +98,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print()
+    if args.monte_carlo_only:
+        print_monte_carlo(results)
+        return
     print("| model | SNN | T | ANN MACs | SNN MACs + ACs | spike rate | weights ANN → SNN | " + " | ".join(f"{t} ratio" for t in ("asic45nm", "cortex_m4", "crossbar")) + " |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, entry in results["models"].items():
@@ -98,6 +108,10 @@ def main() -> None:
             row = entry[label]
             ratios = " | ".join(f"{row['targets'][t]['energy_ratio']:.2f}× ({row['targets'][t]['energy_ratio_int8']:.2f}× vs int8)" for t in ("asic45nm", "cortex_m4", "crossbar"))
             print(f"| {name} | {label} | {row['timesteps']} | {row['ann_macs']:,} | {row['snn_macs']:,} + {row['snn_acs']:,} | {row['spike_rate']:.4f} | {row['ann_weight_bytes']:,} → {row['snn_weight_bytes']:,} B | {ratios} |")
+    print_monte_carlo(results)
+
+
+def print_monte_carlo(results: dict) -> None:
     print()
     print("| model | Monte Carlo | trials × images | seconds | ideal accuracy | mean accuracy | 95% CI |")
     print("|---|---|---|---|---|---|---|")

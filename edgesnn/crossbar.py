@@ -23,7 +23,9 @@ Non-idealities, drawn per cell and per trial:
   β the loss at the far corner;
 - read noise, fresh at every read: each cell reads G·(1 + σ_r·n); the column
   sum of a read is then Gaussian with variance σ_r²·Σ_i x_i²·(G⁺_i² + G⁻_i²)
-  (in weight units), added to each tile's column output;
+  (in weight units), added to each tile's column output. Without ADCs the
+  tiles' outputs are summed in the analog domain, and so are their independent
+  noises: one Gaussian per output with the layer's summed variance;
 - ADC: each tile's column-pair output is digitised with b bits (signed,
   2^(b−1) − 1 levels each side) over ± the largest ideal partial sum of that
   column on the first batch of images (a calibrated gain per column), before
@@ -35,14 +37,17 @@ so their error is not averaged away.
 
 The simulation is vectorised over trials: trial k's values sit in channels
 [k·C, (k+1)·C) of one tensor and each conv runs as one grouped convolution
-over all trials. With every non-ideality zero the weights are the model's own
-and the computation is the ideal simulator's, bit for bit.
+over all trials, a few images at a time so that the per-trial tensors stay in
+cache. With ADCs the step is folded into each tile's weights, so the conv
+yields the partial sums in ADC steps. With every non-ideality zero the weights
+are the model's own and the computation is the ideal simulator's, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -52,10 +57,15 @@ import torch.nn.functional as F
 from .artifacts import Progress, SpikingModel, no_progress
 from .convert import IFNeuron
 from .errors import EdgeSNNError
+from torch.nn.modules.utils import _pair
+
 from .graph import OPS, GraphNetwork, Node, _broadcast_time, module_key
 
 TILE_SIZES = (64, 128, 256)
-SAMPLES_PER_CALL = 2048  # images × trials × T per simulation call: bounds memory
+SAMPLES_PER_CALL = 200  # images × trials × T per simulation call: small enough to stay in cache
+NOISE_STREAMS = 2  # read-noise generators drawn from in parallel
+CALIBRATION_SAMPLES = 512  # images × T the ADC ranges are calibrated on
+MIN_ADC_STEP = 1e-15  # ADC step of a column whose calibrated range is 0 (it reads ≈ 0)
 
 
 class CrossbarError(EdgeSNNError):
@@ -259,10 +269,36 @@ def _batch_to_trials(tensor: torch.Tensor, trials: int) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0] // trials, trials * tensor.shape[1], *tensor.shape[2:])
 
 
+class _ReadNoise:
+    """Standard normal draws for read noise from ``NOISE_STREAMS`` seeded generators.
+
+    Each draw is split into equal contiguous parts, one per stream, filled in parallel
+    when torch may use more than one thread (a generator fills serially). The values
+    depend on the seed and the order of the draws only, not on the thread count.
+    """
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def __init__(self, seed: int):
+        self.generators = [torch.Generator().manual_seed(seed * NOISE_STREAMS + stream) for stream in range(NOISE_STREAMS)]
+
+    def normal(self, count: int) -> torch.Tensor:
+        buffer = torch.empty(count)
+        parts = [(part, generator) for part, generator in zip(buffer.chunk(NOISE_STREAMS), self.generators)]
+        if torch.get_num_threads() > 1 and count >= 65536:
+            if _ReadNoise._pool is None:
+                _ReadNoise._pool = ThreadPoolExecutor(NOISE_STREAMS, thread_name_prefix="edgesnn-noise")
+            list(_ReadNoise._pool.map(lambda item: item[0].normal_(generator=item[1]), parts))
+        else:
+            for part, generator in parts:
+                part.normal_(generator=generator)
+        return buffer
+
+
 class _Simulator:
     """Runs a spiking model on crossbars for a slice of trials."""
 
-    def __init__(self, model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, timesteps: int, trials: slice, generator: torch.Generator):
+    def __init__(self, model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, timesteps: int, trials: slice, noise: _ReadNoise):
         self.model = model
         self.graph = model.graph
         self.layers = {layer.node.name: layer for layer in layers}
@@ -270,11 +306,13 @@ class _Simulator:
         self.steps = timesteps
         self.trial_slice = trials
         self.trials = trials.stop - trials.start
-        self.generator = generator
+        self.noise = noise
         self.calibrating = False
         reference = GraphNetwork(self.graph)
         self.modules = {node.name: reference.layer(node.name) for node in self.graph.nodes if module_key(node.name) in reference.layers}
         self.neurons: dict[tuple[str, bool], IFNeuron] = {}
+        self.owned = False
+        self.tile_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     def _neuron(self, name: str, per_trial: bool) -> IFNeuron:
         key = (name, per_trial)
@@ -282,9 +320,10 @@ class _Simulator:
             self.neurons[key] = IFNeuron(self.model.thresholds[name], self.model.initial_membrane, self.model.amplitudes.get(name))
         return self.neurons[key]
 
-    def _fire(self, name: str, current: torch.Tensor) -> torch.Tensor:
+    def _fire(self, name: str, current: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """IF neurons of every trial: v ← v + I, s = [v ≥ θ], v ← v − θ·s from v(0) = v₀·θ, as
-        ``convert.IFNeuron`` but with fewer passes over the (large) per-trial tensor."""
+        ``convert.IFNeuron`` but with fewer passes over the (large) per-trial tensor. ``owned``:
+        no other node reads ``current``, so at T = 1 the spikes overwrite it."""
         theta = self.model.thresholds[name]
         channels = current.shape[1]
         theta_full = theta.repeat(channels // theta.numel()) if theta.dim() == 1 else theta.expand(channels)
@@ -294,6 +333,8 @@ class _Simulator:
         amplitude = theta_full if amplitude is None else amplitude.reshape(())
         v0 = self.model.initial_membrane
         if self.steps == 1:
+            if owned:
+                return current.ge_(theta_full * (1 - v0)).mul_(amplitude)  # the same values, no new tensor
             return (current >= theta_full * (1 - v0)).to(current.dtype).mul_(amplitude)
         constant = current.shape[0] == self.batch
         if not constant:
@@ -312,11 +353,16 @@ class _Simulator:
         batch = images.shape[0]
         self.batch = batch
         values: dict[str, _Value] = {}
-        last_use = {}
+        last_use, readers = {}, {}
+        producers = {node.name: node.op for node in self.graph.nodes}
         for index, node in enumerate(self.graph.nodes):
             for name in node.inputs:
                 last_use[name] = index
+                readers[name] = readers.get(name, 0) + 1
         for index, node in enumerate(self.graph.nodes):
+            # A tensor this simulator computed (a layer's or an add's output) read by this node alone
+            source = node.inputs[0] if len(node.inputs) == 1 else None
+            self.owned = source is not None and readers[source] == 1 and source != self.graph.output and (source in self.layers or producers[source] == "add")
             values[node.name] = self._node(node, values, images)
             for name in set(node.inputs):
                 if last_use[name] == index and name != self.graph.output:
@@ -348,7 +394,7 @@ class _Simulator:
         value = inputs[0]
         if node.op == "relu":
             if value.per_trial:
-                return _Value(self._fire(node.name, value.tensor), True)
+                return _Value(self._fire(node.name, value.tensor, self.owned), True)
             neuron = self._neuron(node.name, False)
             neuron.timesteps, neuron.batch = self.steps, self.batch
             return _Value(neuron(value.tensor), False)
@@ -366,6 +412,15 @@ class _Simulator:
         stride, padding, dilation = (1, 0, 1) if node.op == "linear" else (node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"])
         if (x_per_trial or w_per_trial) and x.shape[-1] * x.shape[-2] > 1:
             x = x.contiguous(memory_format=torch.channels_last)  # grouped convs run ~1.5× faster channels-last on CPU
+        if w_per_trial and not x_per_trial and node.op == "conv" and not isinstance(padding, str):
+            # One GEMM on the shared input's patches; its N·H·W × trials·O result is channels-last.
+            flat = weight.reshape(-1, weight.shape[2] * weight.shape[3] * weight.shape[4])
+            patches = F.unfold(x, weight.shape[3:], dilation, padding, stride)  # N × C·k_h·k_w × H'·W'
+            height = (x.shape[2] + 2 * _pair(padding)[0] - _pair(dilation)[0] * (weight.shape[3] - 1) - 1) // _pair(stride)[0] + 1
+            out = patches.transpose(1, 2) @ flat.t()
+            if bias is not None:
+                out += bias.repeat(self.trials)
+            return out.reshape(x.shape[0], height, -1, out.shape[-1]).permute(0, 3, 1, 2)
         if w_per_trial:
             flat = weight.reshape(-1, *weight.shape[2:])
             return F.conv2d(x, flat, None if bias is None else bias.repeat(self.trials), stride, padding, dilation, self.trials if x_per_trial else 1)
@@ -401,44 +456,80 @@ class _Simulator:
             squared = squared[self.trial_slice]
         noisy = config.read_noise > 0 and not self.calibrating
         out_per_trial = x_per_trial or w_per_trial or noisy
-        total = None
-        slices = layer.tile_slices() if (config.adc_bits is not None or noisy) else [slice(None)]
-        channels = layer.weight.shape[1]
-        for tile, part in enumerate(slices):
-            if len(slices) > 1:
-                xs = x.reshape(x.shape[0], self.trials, channels, *x.shape[2:])[:, :, part].reshape(x.shape[0], -1, *x.shape[2:]) if x_per_trial else x[:, part]
-                ws = weight[:, :, part] if w_per_trial else weight[:, part]
-            else:
-                xs, ws = x, weight
-            fused_bias = bias if len(slices) == 1 and not noisy and config.adc_bits is None else None
-            partial = self._conv(xs, ws, node, x_per_trial, w_per_trial, fused_bias)
+        if config.adc_bits is None:
+            # No ADC: the tiles' column currents are summed before any readout, and the sum of
+            # their independent Gaussian read noises is one Gaussian with the summed variance.
+            total = self._conv(x, weight, node, x_per_trial, w_per_trial, bias)
             if noisy:
-                sq = squared[:, :, part] if s_per_trial else squared[:, part]
-                variance = self._conv(xs.square(), sq, node, x_per_trial, s_per_trial)
-                if not (x_per_trial or s_per_trial):
-                    variance = _expand_trials(variance, self.trials)
-                if partial.shape[1] != variance.shape[1]:
-                    partial = _expand_trials(partial, self.trials)
-                noise = torch.randn(variance.shape, generator=self.generator)
-                partial = partial + config.read_noise * variance.clamp_min(0).sqrt() * noise
-            if config.adc_bits is not None:
-                if self.calibrating:
-                    peak = partial.abs().amax(dim=(0, 2, 3))
-                    layer.ranges.append(peak)
-                else:
-                    partial = self._adc(partial, layer.ranges[tile], config.adc_bits)
-            total = partial if total is None else total + partial
-        if bias is not None and fused_bias is None:
-            total = total + bias.repeat(total.shape[1] // bias.numel()).reshape(1, -1, 1, 1)
+                variance = self._conv(x.square(), squared, node, x_per_trial, s_per_trial)
+                total = self._add_read_noise(total, variance, x_per_trial or w_per_trial, x_per_trial or s_per_trial)
+        else:
+            total = self._tiles_through_adc(layer, x, weight, squared, x_per_trial, w_per_trial, s_per_trial, noisy)
+            if bias is not None:
+                total += bias.repeat(total.shape[1] // bias.numel()).reshape(1, -1, 1, 1)
         if node.op == "linear":
             total = total.reshape(total.shape[0], -1)
         return _Value(total, out_per_trial)
 
-    def _adc(self, partial: torch.Tensor, full_scale: torch.Tensor, bits: int) -> torch.Tensor:
-        levels = 2 ** (bits - 1) - 1
-        step = (full_scale / levels).clamp_min(1e-30)
-        step = step.repeat(partial.shape[1] // step.numel()).reshape(1, -1, *([1] * (partial.dim() - 2)))
-        return (partial / step).round().clamp(-levels, levels) * step
+    def _add_read_noise(self, total: torch.Tensor, variance: torch.Tensor, total_per_trial: bool, variance_per_trial: bool) -> torch.Tensor:
+        """total + σ_r·√variance·n, n ~ N(0, 1) drawn per output and per trial (in place on ``total``)."""
+        if not total_per_trial:
+            total = _expand_trials(total, self.trials)
+        if not variance_per_trial:
+            variance = _expand_trials(variance, self.trials)
+        # Drawn contiguous (normal_'s vectorised path), laid out as ``variance`` (often channels-last).
+        noise = self.noise.normal(variance.numel()).as_strided(variance.shape, variance.stride())
+        return total.addcmul_(variance.clamp_min_(0).sqrt_(), noise, value=self.config.read_noise)
+
+    def _tiles_through_adc(self, layer: MappedLayer, x: torch.Tensor, weight: torch.Tensor, squared: torch.Tensor | None, x_per_trial: bool, w_per_trial: bool, s_per_trial: bool, noisy: bool) -> torch.Tensor:
+        """Σ over row tiles of ADC(tile's partial sums + read noise), no bias.
+
+        The ADC step is folded into the tile's weights (and its square into the variance's),
+        so the conv returns the partial sums in ADC steps: round, clamp, scale back, add.
+        """
+        node, config = layer.node, self.config
+        slices = layer.tile_slices()
+        channels = layer.weight.shape[1]
+        levels = 2 ** (config.adc_bits - 1) - 1
+        total = None
+        for tile, part in enumerate(slices):
+            xs = x if len(slices) == 1 else self._channel_tile(x, channels, part, x_per_trial)
+            if self.calibrating:
+                ws = weight[:, :, part] if w_per_trial else weight[:, part]
+                partial = self._conv(xs, ws, node, x_per_trial, w_per_trial)
+                layer.ranges.append(partial.abs().amax(dim=(0, 2, 3)))
+                total = partial if total is None else total + partial
+                continue
+            scaled, scaled_squared, step = self._tile_weights(layer, tile, part, weight, squared, w_per_trial, s_per_trial, levels)
+            partial = self._conv(xs, scaled, node, x_per_trial, w_per_trial)
+            if noisy:
+                variance = self._conv(xs.square(), scaled_squared, node, x_per_trial, s_per_trial)
+                partial = self._add_read_noise(partial, variance, x_per_trial or w_per_trial, x_per_trial or s_per_trial)
+            partial = partial.round_().clamp_(-levels, levels)
+            step = step.repeat(partial.shape[1] // step.numel()).reshape(1, -1, 1, 1)
+            total = partial.mul_(step) if total is None else total.addcmul_(partial, step)
+        return total
+
+    def _channel_tile(self, x: torch.Tensor, channels: int, part: slice, per_trial: bool) -> torch.Tensor:
+        """The input channels ``part`` of every trial, copied once, channels-last."""
+        if not per_trial:
+            return x[:, part]
+        batch, _, height, width = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(batch, height, width, self.trials, channels)[..., part]
+        return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    def _tile_weights(self, layer: MappedLayer, tile: int, part: slice, weight: torch.Tensor, squared: torch.Tensor | None, w_per_trial: bool, s_per_trial: bool, levels: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """A tile's weights in ADC steps (and their squares in steps²), cached for this simulator's trials."""
+        key = (layer.node.name, tile)
+        if key not in self.tile_cache:
+            step = (layer.ranges[tile] / levels).clamp_min(MIN_ADC_STEP)
+            shape = (-1, 1, 1, 1)
+            scaled = (weight[:, :, part] if w_per_trial else weight[:, part]) / step.reshape(shape)
+            scaled_squared = None
+            if squared is not None:
+                scaled_squared = (squared[:, :, part] if s_per_trial else squared[:, part]) / step.square().reshape(shape)
+            self.tile_cache[key] = (scaled, scaled_squared, step)
+        return self.tile_cache[key]
 
 
 # ---------------------------------------------------------------------------
@@ -485,13 +576,13 @@ def _simulate(model: SpikingModel, layers: list[MappedLayer], config: CrossbarCo
     per_call = max(1, SAMPLES_PER_CALL // steps)
     trial_batch = max(1, min(config.trials, per_call // 8))
     image_batch = max(1, min(len(images), per_call // trial_batch))
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+    noise = _ReadNoise(config.seed * 1_000_003 + 999_983)
     predictions = torch.empty(len(images), config.trials, dtype=torch.long)
     total = -(-config.trials // trial_batch) * -(-len(images) // image_batch)
     done = 0
     with torch.no_grad():
         for first in range(0, config.trials, trial_batch):
-            simulator = _Simulator(model, layers, config, steps, slice(first, min(config.trials, first + trial_batch)), generator)
+            simulator = _Simulator(model, layers, config, steps, slice(first, min(config.trials, first + trial_batch)), noise)
             for start in range(0, len(images), image_batch):
                 logits = simulator.run(images[start : start + image_batch])
                 predictions[start : start + image_batch, first : first + simulator.trials] = logits.argmax(-1)
@@ -508,7 +599,7 @@ def _calibrate_adc(model: SpikingModel, layers: list[MappedLayer], config: Cross
     saved = [(layer.programmed, layer.squared) for layer in layers]
     for layer in layers:
         layer.programmed, layer.squared = None, None
-    simulator = _Simulator(model, layers, ideal, steps, slice(0, 1), torch.Generator())
+    simulator = _Simulator(model, layers, ideal, steps, slice(0, 1), _ReadNoise(0))
     simulator.calibrating = True
     with torch.no_grad():
         simulator.run(images)
@@ -529,7 +620,7 @@ def monte_carlo(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor 
     ideal_predictions = _simulate(model, layers, replace(CrossbarConfig(tile_size=config.tile_size), trials=1), images, steps, no_progress, "ideal")[:, 0]
     program(layers, config)
     if config.adc_bits is not None:
-        _calibrate_adc(model, layers, config, images[: max(1, min(len(images), SAMPLES_PER_CALL // (4 * steps)))], steps)
+        _calibrate_adc(model, layers, config, images[: max(1, min(len(images), CALIBRATION_SAMPLES // steps))], steps)
     predictions = _simulate(model, layers, config, images, steps, progress, "crossbar MC")
     agreement = (predictions == ideal_predictions.unsqueeze(1)).double().mean(0).tolist()
     accuracy: list[float] = []
@@ -548,7 +639,7 @@ def crossbar_logits(model: SpikingModel, images: torch.Tensor, config: CrossbarC
     program(layers, config)
     if config.adc_bits is not None:
         _calibrate_adc(model, layers, config, images, steps)
-    simulator = _Simulator(model, layers, config, steps, slice(0, config.trials), torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983))
+    simulator = _Simulator(model, layers, config, steps, slice(0, config.trials), _ReadNoise(config.seed * 1_000_003 + 999_983))
     with torch.no_grad():
         return simulator.run(images)
 

@@ -138,6 +138,22 @@ def test_accuracy_degrades_with_variation_and_is_seeded(vgg_one_step, images):
     assert first.accuracy != other.accuracy
 
 
+@pytest.mark.parametrize("adc_bits", [None, 5])
+def test_read_noise_does_not_depend_on_the_thread_count(vgg_one_step, images, adc_bits):
+    x = images[0][:40]
+    config = CrossbarConfig(variation=0.1, read_noise=0.05, adc_bits=adc_bits, trials=3, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = crossbar_logits(vgg_one_step, x, config)
+        torch.set_num_threads(2)
+        two = crossbar_logits(vgg_one_step, x, config)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)  # same draws; only the conv's summation order may differ
+    assert not torch.equal(one[:, 0], one[:, 1])  # trials see different devices and noise
+
+
 def test_mapping_counts_tiles(vgg_one_step):
     summary = mapping_summary(vgg_one_step, 64)
     rows = {row["name"]: row for row in summary["layers"]}
