@@ -95,6 +95,8 @@ class Inversion:
 
 @dataclass(frozen=True)
 class AuditResult:
+    """What the audit found, and the inverted images behind the class-leakage figures."""
+
     document: dict[str, Any]  # audit.json: attacks, weight similarity, data leakage, membership
     inversions: list[Inversion] = field(default_factory=list)  # for the PNG grids
 
