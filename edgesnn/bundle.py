@@ -124,13 +124,13 @@ def keygen(out: Path, kind: str = "ed25519", force: bool = False) -> list[Path]:
         if path.exists() and not force:
             raise BundleError(f"{path}: exists; refusing to overwrite a key (pass --force, or choose another --out)")
     if kind == "aes":
-        _write_atomic(out, secrets.token_bytes(KEY_BYTES), 0o600)
+        write_atomic(out, secrets.token_bytes(KEY_BYTES), 0o600)
         return paths
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(paths[0], private, 0o600)
-    _write_atomic(paths[1], public, 0o644)
+    write_atomic(paths[0], private, 0o600)
+    write_atomic(paths[1], public, 0o644)
     return paths
 
 
@@ -256,7 +256,7 @@ def seal(folder: Path, keys: Keys = Keys()) -> dict[str, Any]:
             data = (folder / name).read_bytes()
             sealed[name] = _encrypt(name, data, keys)
         for name, (ciphertext, entry) in sealed.items():
-            _write_atomic(folder / entry["file"], ciphertext)
+            write_atomic(folder / entry["file"], ciphertext)
             encrypted[name] = entry
         for name in sealed:
             (folder / name).unlink()
@@ -264,10 +264,10 @@ def seal(folder: Path, keys: Keys = Keys()) -> dict[str, Any]:
     manifest["versions"] = tool_versions()
     manifest["bundle"] = {"format": BUNDLE_FORMAT, "files": files, "encrypted": encrypted}
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    _write_atomic(folder / MANIFEST, data)
+    write_atomic(folder / MANIFEST, data)
     signature_path = folder / SIGNATURE_FILE
     if keys.signing is not None:
-        _write_atomic(signature_path, sign(data, keys.signing))
+        write_atomic(signature_path, sign(data, keys.signing))
     elif signature_path.exists():
         signature_path.unlink()  # a stale signature of an older manifest would only fail verification
     return manifest
@@ -480,7 +480,7 @@ def decrypt(folder: Path, key_file: Path | None = None, passphrase: str | None =
         restored[name] = plaintext
     if out is None:
         for name, plaintext in restored.items():
-            _write_atomic(folder / name, plaintext)
+            write_atomic(folder / name, plaintext)
         for name in restored:
             (folder / encrypted[name]["file"]).unlink()
         return sorted(restored)
@@ -494,7 +494,7 @@ def decrypt(folder: Path, key_file: Path | None = None, passphrase: str | None =
     try:
         _copy_tree(folder, staging, skip=lambda name: any(name == entry["file"] for entry in encrypted.values()))
         for name, plaintext in restored.items():
-            _write_atomic(staging / name, plaintext)
+            write_atomic(staging / name, plaintext)
         os.rename(staging, out)
     except BaseException:
         _remove(staging)
@@ -734,8 +734,8 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write through a temporary file (created 0600) and rename into place."""
+def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write through a temporary file (created 0600, fsynced) and rename into place: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -25,10 +25,8 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 import zipfile
 import zlib
@@ -155,17 +153,7 @@ def sha256_file(path: Path) -> str:
 
 def write_atomic(path: Path, data: bytes) -> str:
     """Write ``data`` to ``path`` through a temporary file and rename; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    bundle.write_atomic(path, data)
     return sha256_bytes(data)
 
 

@@ -101,6 +101,23 @@ static void conv_write(const esnn_conv_output *output, const esnn_dims *out_dims
     }
 }
 
+static void acc_clear(int32_t *acc, int32_t count)
+{
+    int32_t o;
+    for (o = 0; o < count; o++) {
+        acc[o] = 0;
+    }
+}
+
+/* Write every output channel of one pixel from the accumulator buffer. */
+static void acc_write(const esnn_conv_output *output, const esnn_dims *out_dims, int32_t pixel, const int32_t *acc)
+{
+    int32_t o;
+    for (o = 0; o < out_dims->c; o++) {
+        conv_write(output, out_dims, pixel, o, acc[o]);
+    }
+}
+
 static void conv_clear(const esnn_conv_output *output, const esnn_dims *out_dims)
 {
     if (output->thresholds != NULL) {
@@ -127,9 +144,7 @@ esnn_status esnn_conv_s8_s16(const esnn_conv_params *params, const esnn_dims *in
     for (oy = 0; oy < out_dims->h; oy++) {
         for (ox = 0; ox < out_dims->w; ox++) {
             int32_t *acc = buffer;
-            for (o = 0; o < out_dims->c; o++) {
-                acc[o] = 0;
-            }
+            acc_clear(acc, out_dims->c);
             /* Each input value scales one contiguous weight row (output channel fastest). */
             for (ky = 0; ky < params->kernel_h; ky++) {
                 const int32_t iy = oy * params->stride_h - params->pad_h + ky;
@@ -157,9 +172,7 @@ esnn_status esnn_conv_s8_s16(const esnn_conv_params *params, const esnn_dims *in
                     }
                 }
             }
-            for (o = 0; o < out_dims->c; o++) {
-                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc[o]);
-            }
+            acc_write(output, out_dims, oy * out_dims->w + ox, acc);
         }
     }
     return ESNN_OK;
@@ -186,9 +199,7 @@ esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *i
     for (oy = 0; oy < out_dims->h; oy++) {
         for (ox = 0; ox < out_dims->w; ox++) {
             int32_t *acc = buffer;
-            for (o = 0; o < out_dims->c; o++) {
-                acc[o] = 0;
-            }
+            acc_clear(acc, out_dims->c);
             /* Event-driven: only the set bits of the window add their weight row (one int8 per output
                channel, contiguous), shifted by the bit's plane. Silent inputs cost nothing. */
             for (ky = 0; ky < params->kernel_h; ky++) {
@@ -219,9 +230,7 @@ esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *i
                     }
                 }
             }
-            for (o = 0; o < out_dims->c; o++) {
-                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc[o]);
-            }
+            acc_write(output, out_dims, oy * out_dims->w + ox, acc);
         }
     }
     return ESNN_OK;
