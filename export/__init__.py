@@ -110,10 +110,19 @@ EXPORTERS: dict[str, Callable[[ExportContext], dict[str, bytes]]] = {
 ONE_STEP_ONLY = {"c", "tflite", "nir"}  # targets that need a one-timestep model
 
 
+def refusal(target: str, model: SpikingModel) -> str | None:
+    """Why ``target`` cannot express this model's ops at all, or None ("all" leaves such targets out)."""
+    if target == "nir":
+        from .to_nir import nir_refusal
+
+        return nir_refusal(model)
+    return None
+
+
 def parse_targets(text: str | None, model: SpikingModel) -> list[str]:
     """``onnx,c`` -> ["onnx", "c"]; "all" or None: every target the model allows."""
     if text is None or text.strip() == "all":
-        return [name for name in EXPORTERS if model.timesteps == 1 or name not in ONE_STEP_ONLY]
+        return [name for name in EXPORTERS if (model.timesteps == 1 or name not in ONE_STEP_ONLY) and refusal(name, model) is None]
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise ExportError("--targets is empty; valid: " + ", ".join(EXPORTERS) + ", all")

@@ -283,6 +283,17 @@ class _NirWriter:
         raise self.error(node, "a BatchNorm that could not be folded into a conv/linear cannot be exported")
 
 
+NIR_OPS = frozenset({"input", "identity", "conv", "linear", "relu", "add", "avgpool", "adaptive_avgpool", "global_mean", "maxpool", "reshape"})  # the graph ops _NirWriter writes
+
+
+def nir_refusal(model: SpikingModel) -> str | None:
+    """Why the NIR export cannot express this model (the first node NIR 1.0 has no form for), or None."""
+    for node in model.graph.nodes:
+        if node.op not in NIR_OPS:
+            return f"node '{node.name}' ({node.op}) has no NIR 1.0 node"
+    return None
+
+
 def nir_bytes(model: SpikingModel, stamp: str | None = None) -> bytes:
     """The ``.nir`` (HDF5) file of a one-timestep model's deployment form."""
     return _NirWriter(deployment_model(model), stamp).write()
@@ -388,4 +399,4 @@ def run_nir(data: bytes, images: np.ndarray, batch: int = 256) -> np.ndarray:
     return np.concatenate(results) if results else np.zeros((0, int(np.prod(graph.nodes[outputs[0]].output_type["output"]))), dtype=np.float32)
 
 
-__all__ = ["NIR_FILE", "nir_bytes", "read_nir", "run_nir"]
+__all__ = ["NIR_FILE", "NIR_OPS", "nir_bytes", "nir_refusal", "read_nir", "run_nir"]

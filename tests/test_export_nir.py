@@ -127,3 +127,11 @@ def _pool_add_model() -> SpikingModel:
     ]
     thresholds = {"relu1": random(4).abs() + 0.2, "relu2": torch.tensor(0.3)}
     return SpikingModel(Graph(nodes, "fc"), thresholds, 0.5, 1, (1, 8, 8), 3, None)
+
+
+def test_all_targets_leave_out_nir_for_a_model_it_cannot_express(lambda_resnet_one_step, written) -> None:
+    from edgesnn.export import parse_targets
+
+    assert "nir" not in parse_targets("all", lambda_resnet_one_step)
+    assert "nir" in parse_targets("all", written["vgg"][0])
+    assert parse_targets("nir", lambda_resnet_one_step) == ["nir"]  # asked for by name: the export itself says why not
