@@ -141,7 +141,7 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
             f"{100 * r['binary_t1_accuracy']:.2f} | {100 * (r['binary_t1_accuracy'] - r['teacher_accuracy']):+.2f} | {100 * r['binary_t1_accuracy'] - PUBLISHED_ONE_STEP:+.2f} | "
             f"{100 * r['binary_fraction']:.1f}% | {r['model_bytes']:,} ({r['teacher_fp32_bytes']:,}) | {r['size_ratio']}× | {r['build_seconds']} |"
         )
-    stages = ["load", "synth", "convert", "privatize", "binarize", "export"]
+    stages = ["load", "synth", "convert", "privatize", "binarize", "export", "profile"]
     lines += ["", "| model | " + " | ".join(f"{s} s (peak RSS MiB)" for s in stages) + " |", "|---|" + "---|" * len(stages)]
     for r in rows + ([cifar] if cifar else []):
         lines.append(f"| {r['model']} | " + " | ".join(f"{r['stages'][s]['seconds']:.0f} ({r['stages'][s]['peak_rss_mb']:.0f})" if s in r["stages"] else "" for s in stages) + " |")
