@@ -90,7 +90,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "private_model_bytes_fp32": model_bytes(private),
         "teacher_fp32_bytes": teacher_bytes_fp32(result.teacher),
         "weight_cosine_private": private.metrics["privatize"]["weight_cosine_after"],
-        "weight_cosine_binary": weight_cosines(converted.graph, converted.thresholds, final),
+        "weight_cosine_binary": weight_cosines(converted.graph, final),
         "layers": {n: {k: v for k, v in layer.items()} for n, layer in final.metrics["binarize"]["layers"].items()},
         "binarize_steps": final.metrics["binarize"]["steps"],
         "privatize_phases": private.metrics["privatize"]["phases"],

@@ -18,7 +18,11 @@ away). The inversion itself is supplied by the caller (the pipeline passes
    the scaled ReLU (a_l/θ_l)·ReLU(I_l). For a plainly converted SNN a_l = θ_l
    and this is exactly the BN-folded teacher (bias correction aside).
 2. **Surrogate-gradient inversion.** The SNN itself is inverted through time,
-   the Heaviside step given the triangular surrogate of ``privatize``.
+   the Heaviside step given the triangular surrogate of ``privatize``. A
+   one-timestep model is attacked in its key-free form
+   (``privatize.canonical_form``: biases folded into the thresholds), so the
+   surrogate's width — in units of θ — does not depend on a re-keying
+   (``privatize.rekey_thresholds``) that leaves every spike as it was.
 
 Each attack's images are scored by an independent *judge*: the fraction it
 classifies as the class they were made for (chance: 1/classes). The same
@@ -137,10 +141,10 @@ class SurrogateSNN(nn.Module):
 
     def __init__(self, model: SpikingModel, timesteps: int, width: float):
         super().__init__()
-        from .privatize import TrainingNetwork
+        from .privatize import TrainingNetwork, canonical_form
 
         floats = {node.name: "float" for node in model.graph.weighted()}  # the stored weights are already what the device runs
-        self.network = TrainingNetwork(model, width, floats)
+        self.network = TrainingNetwork(canonical_form(model), width, floats)
         self.timesteps = timesteps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +352,7 @@ def audit(
         "chance": round(1 / classes, 4),
         "attacks": attacks,
         "privacy_gain": gains,  # attack success on the plain converted SNN minus on the deployed one
-        "weight_cosine": weight_cosines(reference.graph, reference.thresholds, model),  # per layer, vs the converted SNN (= BN-folded ANN weights)
+        "weight_cosine": weight_cosines(reference.graph, model),  # per layer, vs the converted SNN (= BN-folded ANN weights)
         "weight_cosine_reference": "converted SNN" if converted is not None else "the model itself (no converted SNN given)",
         "data_leakage": data_leakage(manifest),
         "deployed": {"timesteps": model.timesteps, "binary_layers": [n.name for n in model.graph.weighted() if n.attrs.get("weight_format") == "binary"]},

@@ -556,6 +556,8 @@ def build_command(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1, help="Evaluate on the first N images only."),
     eval_timesteps: str = typer.Option("1,2,4,8,16,32,64", "--eval-timesteps", help="T values to report with --eval-data (a retrained model: those up to its T)."),
     targets: str = typer.Option("all", "--targets", help=TARGETS_HELP + " 'none' skips the export."),
+    rekey: bool = typer.Option(True, "--rekey/--no-rekey", help="With --private at T=1: re-key the thresholds of the final model with a random per-channel key (an exact rewrite: same spikes; the weights no longer read back as the ANN)."),
+    rekey_seed: Optional[int] = typer.Option(None, "--rekey-seed", help="Draw the re-keying key from this seed (reproducible, but known to whoever knows the seed); default: a secret key from the OS, never stored."),
     audit: bool = typer.Option(False, "--audit", help="Privacy audit of the final model into the bundle (audit.json, audit.md, inverted-image grids; ~1 min on 2 cores); `edgesnn audit` for membership inference."),
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Sign the bundle's manifest with this Ed25519 private key (from `edgesnn keygen`)."),
     encrypt_key: Optional[Path] = typer.Option(None, "--encrypt-key", help="Encrypt the weight-bearing artifacts with AES-256-GCM under this 32-byte key file (`edgesnn keygen --aes`)."),
@@ -575,7 +577,7 @@ def build_command(
     from .errors import PipelineError
     from .evaluate import parse_timesteps
     from .pipeline import BUDGETS, BuildConfig, EvalConfig, build
-    from .privatize import CODINGS, PrivatizeConfig, TrainConfig, check_device
+    from .privatize import CODINGS, PrivatizeConfig, RekeyConfig, TrainConfig, check_device
 
     if private:
         check_device(device)
@@ -612,6 +614,7 @@ def build_command(
         convert=_convert_config(convert_timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
         privatize=privatize_config,
         binarize=binarize_config,
+        rekey=RekeyConfig(seed=rekey_seed) if rekey else None,
         evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
         targets=None if targets.strip() == "none" else targets,
         seed=seed,
@@ -642,7 +645,7 @@ def build_document(result, model: str, budget: str) -> dict[str, Any]:
         from .privatize import weight_cosines
 
         if result.converted is not None:
-            cosine = weight_cosines(result.converted.graph, result.converted.thresholds, final)
+            cosine = weight_cosines(result.converted.graph, final)
     layers = {}
     for node in final.graph.weighted():
         entry = {"weight_format": node.attrs.get("weight_format", "float"), "weights": node.params["weight"].numel(), "binarized": node.attrs.get("weight_format") == "binary"}

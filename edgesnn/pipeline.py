@@ -48,7 +48,7 @@ from .errors import ArtifactError, EdgeSNNError, PipelineError
 from .evaluate import evaluate
 from .graph import Graph
 from .load import LoadConfig, load_model
-from .privatize import PrivatizeConfig, privatize
+from .privatize import PrivatizeConfig, RekeyConfig, privatize, rekey_thresholds
 from .zoo import DEFAULT_ZOO_MODEL, ZOO
 
 MANIFEST = "manifest.json"
@@ -112,6 +112,7 @@ class BuildConfig:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     privatize: PrivatizeConfig | None = None  # None: no retraining (the converted SNN is the result)
     binarize: BinarizeConfig | None = None  # None: no binarization; needs privatize
+    rekey: RekeyConfig | None = field(default_factory=RekeyConfig)  # threshold re-keying of the final one-timestep private model; None: off
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
@@ -443,11 +444,12 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
         raise PipelineError("--binary needs --private: binarization fine-tunes the retrained one-timestep model")
     if config.privatize is not None:
         private_config = _seeded(config.privatize, config.seed)
+        private_rekey = config.rekey if config.binarize is None else None  # only the final model is re-keyed
         final, private_outputs = run.stage(
             "privatize",
-            {"privatize": private_config},
+            {"privatize": private_config, **({"rekey": private_rekey} if private_rekey else {})},
             {SNN_FILE: model_outputs[SNN_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
-            lambda: _compute_stage(PRIVATE_FILE, privatize(model, teacher, synthetic, private_config, progress), "privatize"),
+            lambda: _compute_stage(PRIVATE_FILE, _rekeyed(privatize(model, teacher, synthetic, private_config, progress), private_rekey), "privatize"),
             lambda: read_spiking(out / PRIVATE_FILE),
         )
         final_file, final_digest = PRIVATE_FILE, private_outputs[PRIVATE_FILE]
@@ -456,9 +458,9 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
             private = private_model = final
             final, binary_outputs = run.stage(
                 "binarize",
-                {"binarize": binary_config},
+                {"binarize": binary_config, **({"rekey": config.rekey} if config.rekey else {})},
                 {PRIVATE_FILE: private_outputs[PRIVATE_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
-                lambda: _compute_stage(BINARY_FILE, binarize(private, teacher, synthetic, binary_config, progress), "binarize"),
+                lambda: _compute_stage(BINARY_FILE, _rekeyed(binarize(private, teacher, synthetic, binary_config, progress), config.rekey), "binarize"),
                 lambda: read_spiking(out / BINARY_FILE),
             )
             final_file, final_digest = BINARY_FILE, binary_outputs[BINARY_FILE]
@@ -615,7 +617,15 @@ def teacher_bytes_fp32(teacher: Teacher) -> int:
 
 
 def _compute_stage(filename: str, model: SpikingModel, stage: str):
-    return model, {filename: spiking_bytes(model)}, model.metrics.get(stage, {})
+    metrics = dict(model.metrics.get(stage, {}))
+    if "rekey" in model.metrics:
+        metrics["rekey"] = model.metrics["rekey"]
+    return model, {filename: spiking_bytes(model)}, metrics
+
+
+def _rekeyed(model: SpikingModel, config: RekeyConfig | None) -> SpikingModel:
+    """The final private model with its thresholds re-keyed (an exact rewrite at T=1; see ``privatize.rekey_thresholds``)."""
+    return model if config is None else rekey_thresholds(model, config)[0]
 
 
 def _compute_teacher(config: BuildConfig):

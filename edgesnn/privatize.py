@@ -24,12 +24,18 @@ kept only where it raises agreement with the teacher on a held-out synthetic
 split. The temporal training moves the weights away from the ANN's, which is
 what hides class features from an inversion attack (PrivateSNN, Kim et al.
 2022); the per-layer cosine similarity to the ANN's weights is reported as a
-first measure of that.
+first measure of that. On the zoo models it is not enough: the weights stay
+close to the ANN's, and inverting them as an ANN still gives recognisable
+classes. The build therefore ends with ``rekey_thresholds``, an exact rewrite
+of a one-timestep model that scales each channel's threshold by a secret
+random key and shifts its bias to match, so no spike changes but the weights
+no longer read back as a working ANN (bench/audit_fmnist.py measures both).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -461,40 +467,123 @@ def calibrate_one_step(model: SpikingModel, images: torch.Tensor, samples_per_ch
 # Weight similarity to the ANN
 
 
-def weight_cosines(reference: Graph, reference_thresholds: dict[str, torch.Tensor], model: SpikingModel) -> dict[str, float]:
-    """Per conv/linear layer: cosine between the model's and the reference's weights, each divided per output channel by the θ of the neuron it drives.
+def weight_cosines(reference: Graph, model: SpikingModel) -> dict[str, float]:
+    """Per conv/linear layer: the mean over output channels of the cosine between the model's and the reference's weights.
 
-    Both sides are scaled the way a binary-spike deployment stores them (W/θ_out), so a
-    uniform rescaling of a channel does not count as a change.
+    Per channel, so that rescaling a channel (its weights with its threshold, or
+    a re-keying, which leaves the weights alone) does not count as a change.
     """
-    driven = _driven_neurons(model.graph)
     cosines = {}
     for node in model.graph.weighted():
         if node.name not in reference:
             continue
         ours, theirs = node.params["weight"], reference[node.name].params["weight"]
-        neuron = driven.get(node.name)
-        if neuron is not None:
-            ours = _per_channel_divide(ours, model.thresholds[neuron])
-            theirs = _per_channel_divide(theirs, reference_thresholds[neuron])
-        cosines[node.name] = round(float(F.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0)), 4)
+        per_channel = F.cosine_similarity(ours.reshape(len(ours), -1).double(), theirs.reshape(len(theirs), -1).double(), dim=1, eps=1e-30)
+        cosines[node.name] = round(float(per_channel.mean()), 4)
     return cosines
 
 
-def _per_channel_divide(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    if theta.dim() == 1 and theta.numel() == weight.shape[0]:
-        return weight / theta.reshape(-1, *([1] * (weight.dim() - 1)))
-    return weight / theta
+# ---------------------------------------------------------------------------
+# Threshold re-keying: hide each neuron's ANN scale
 
 
-def _driven_neurons(graph: Graph) -> dict[str, str]:
-    """conv/linear name -> the neuron its output feeds directly (None through adds)."""
-    result = {}
-    for node in graph.weighted():
-        consumers = graph.consumers(node.name)
-        if len(consumers) == 1 and consumers[0].op == "relu":
-            result[node.name] = consumers[0].name
-    return result
+@dataclass(frozen=True)
+class RekeyConfig:
+    """Threshold re-keying of a one-timestep model (see ``rekey_thresholds``)."""
+
+    span: float = 100.0  # each channel's key r is log-uniform in [1/span, span]; 1 disables
+    seed: int | None = None  # None: a secret key drawn from the OS and never stored; an int: reproducible, and known to whoever knows it
+
+
+def bias_carrier(graph: Graph, neuron: str):
+    """The conv/linear whose bias shifts ``neuron``'s input current alone (directly, or as one input of a residual add), else None."""
+    node = graph[graph[neuron].inputs[0]]
+    candidates = [graph[name] for name in node.inputs] if node.op == "add" and len(graph.consumers(node.name)) == 1 else [node]
+    for candidate in candidates:
+        if candidate.op in ("conv", "linear") and candidate.params.get("bias") is not None and len(graph.consumers(candidate.name)) == 1:
+            return candidate
+    return None
+
+
+def rekey_thresholds(model: SpikingModel, config: RekeyConfig = RekeyConfig()) -> tuple[SpikingModel, dict]:
+    """θ_c → r_c·θ_c and b_c → b_c + (1 − v0)(r_c − 1)·θ_c per channel, with a random key r: the same network, another reading.
+
+    At T=1 a neuron fires when W·x + b ≥ (1 − v0)·θ and sends its spike amplitude a,
+    so θ and b only matter through the firing point (1 − v0)·θ − b, which the
+    rewrite keeps (to float32 rounding): every spike, and so every output, is
+    unchanged. What changes is the reading of attack 1 (``audit.descaled_ann``),
+    which takes θ for the neuron's activation scale, a/θ·ReLU(W·x + b): after the
+    rewrite each channel's scale is off by an unknown factor in [1/span, span] and
+    its ReLU knee sits somewhere else, and the rebuilt ANN no longer classifies.
+    This hides nothing from an attacker who inverts the spiking function itself
+    (audit attack 2 runs on the key-free, bias-folded form for that reason).
+
+    Neurons whose spikes carry θ as their amplitude get the amplitudes shared per
+    layer first (``binarize.shared_amplitudes``, exact). Needs T=1: at T > 1, θ
+    also sets the reset and the number of spikes. Returns the model and metrics.
+    """
+    if model.timesteps != 1:
+        return model, {"rekeyed": False, "reason": f"T={model.timesteps}: only a one-timestep model can be re-keyed exactly"}
+    if config.span < 1:
+        raise PrivatizeError(f"rekey span {config.span} must be at least 1")
+    if config.span == 1:
+        return model, {"rekeyed": False, "reason": "span 1"}
+    if len(model.amplitudes) < len(model.thresholds):
+        from .binarize import shared_amplitudes
+
+        shared, exact = shared_amplitudes(model)
+        if not exact:
+            return model, {"rekeyed": False, "reason": "spike amplitudes could not be shared per layer exactly"}
+        model = shared
+    seed = int.from_bytes(os.urandom(8), "little") if config.seed is None else config.seed
+    generator = torch.Generator().manual_seed(seed)
+    graph = model.graph.copy()
+    thresholds = dict(model.thresholds)
+    keep = 1 - model.initial_membrane
+    rekeyed, skipped = [], []
+    log_span = math.log(config.span)
+    for name, theta in model.thresholds.items():
+        carrier = bias_carrier(graph, name)
+        if carrier is None or theta.dim() != 1 or theta.numel() != carrier.params["bias"].numel():
+            skipped.append(name)  # no bias of its own to compensate with, or one θ for the whole layer
+            continue
+        key = torch.exp((torch.rand(theta.shape, generator=generator, dtype=torch.float64) * 2 - 1) * log_span)
+        carrier.params["bias"] = (carrier.params["bias"].double() + keep * (key - 1) * theta.double()).float()
+        thresholds[name] = (theta.double() * key).float()
+        rekeyed.append(name)
+    del seed, generator
+    metrics = {"rekeyed": True, "span": config.span, "key": "secret (drawn from the OS, not stored)" if config.seed is None else f"seed {config.seed}", "neurons": rekeyed, "skipped": skipped}
+    return replace(model, graph=graph, thresholds=thresholds, metrics=dict(model.metrics, rekey=metrics)), metrics
+
+
+def canonical_form(model: SpikingModel) -> SpikingModel:
+    """The key-free form of a T=1 model: each bias folded into its threshold (θ = |firing point|/(1 − v0)), spikes unchanged.
+
+    Two re-keyings of one model have the same canonical form, so an attack run on
+    it cannot be dodged by ``rekey_thresholds``.
+    """
+    if model.timesteps != 1:
+        return model
+    if len(model.amplitudes) < len(model.thresholds):
+        from .binarize import shared_amplitudes
+
+        shared, exact = shared_amplitudes(model)
+        if not exact:
+            return model  # such a model is never re-keyed either
+        model = shared
+    graph = model.graph.copy()
+    thresholds = dict(model.thresholds)
+    keep = 1 - model.initial_membrane
+    for name, theta in model.thresholds.items():
+        carrier = bias_carrier(graph, name)
+        if carrier is None or theta.dim() != 1 or theta.numel() != carrier.params["bias"].numel():
+            continue  # as in rekey_thresholds: such neurons are never re-keyed
+        bias = carrier.params["bias"].double()
+        firing = keep * theta.double() - bias  # the neuron fires when W·x ≥ firing
+        canonical = (firing.abs() / keep).clamp_min(1e-6)
+        carrier.params["bias"] = (keep * canonical - firing).float()
+        thresholds[name] = canonical.float()
+    return replace(model, graph=graph, thresholds=thresholds)
 
 
 # ---------------------------------------------------------------------------
@@ -569,14 +658,14 @@ def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, co
         phase["agreement_after"] = round(agreement(model, held_images, held_teacher, timesteps), 4)
         phase["seconds"] = round(time.perf_counter() - phase_started, 2)
         phases.append(phase)
-    cosine_after = weight_cosines(converted.graph, converted.thresholds, model)
+    cosine_after = weight_cosines(converted.graph, model)
     metrics = {
         "timesteps": config.timesteps,
         "phases": phases,
         "holdout_images": len(held_index),
         "train_images": len(train_index),
         "holdout_agreement": phases[-1]["agreement_after"],
-        "weight_cosine_before": weight_cosines(converted.graph, converted.thresholds, converted),  # 1.0: conversion keeps the ANN's (BN-folded) weights
+        "weight_cosine_before": weight_cosines(converted.graph, converted),  # 1.0: conversion keeps the ANN's (BN-folded) weights
         "weight_cosine_after": cosine_after,
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -585,6 +674,7 @@ def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, co
 
 __all__ = [
     "PrivatizeConfig",
+    "RekeyConfig",
     "TrainConfig",
     "TrainableIF",
     "TrainingNetwork",
@@ -596,6 +686,9 @@ __all__ = [
     "phase_timesteps",
     "privatize",
     "quantize",
+    "bias_carrier",
+    "canonical_form",
+    "rekey_thresholds",
     "snn_logits",
     "split_holdout",
     "teacher_logits",

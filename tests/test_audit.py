@@ -166,3 +166,30 @@ def test_build_audit_stage_goes_into_the_sealed_bundle(tmp_path) -> None:
     assert document["data_leakage"]["verified"], document["data_leakage"]
     assert document["judge"].startswith("zoo:fmnist_judge")
     assert "## Privacy audit" in (result.out / "audit.md").read_text()
+
+
+def test_rekeying_keeps_every_spike_and_defeats_attack_one(vgg_one_step, vgg_teacher, real_images, quick_inverter) -> None:
+    """Re-keyed thresholds: the same predictions, a rebuilt ANN that no longer classifies, attack 1 near chance."""
+    from dataclasses import replace
+
+    from edgesnn.privatize import RekeyConfig, canonical_form, rekey_thresholds, snn_logits
+
+    images, labels = torch.from_numpy(real_images.images), torch.from_numpy(real_images.labels)
+    rekeyed, metrics = rekey_thresholds(vgg_one_step, RekeyConfig(seed=3))
+    assert metrics["rekeyed"] and len(metrics["neurons"]) == len(vgg_one_step.thresholds) and not metrics["skipped"]
+    before, after = snn_logits(vgg_one_step, images), snn_logits(rekeyed, images)
+    assert float((before.argmax(1) == after.argmax(1)).float().mean()) >= 0.998  # float32 rounding may flip a spike at the firing point
+    with torch.no_grad():
+        assert float((descaled_ann(vgg_one_step)(images).argmax(1) == labels).float().mean()) > 0.85
+        assert float((descaled_ann(rekeyed)(images).argmax(1) == labels).float().mean()) < 0.35
+    result = audit(rekeyed, quick_inverter, teacher=vgg_teacher, config=AuditConfig(images_per_class=3, iterations=48, attack_timesteps=1))
+    assert result.document["attacks"]["weights"]["deployed"]["attack_success"] <= 0.3, result.document["attacks"]
+
+    # The key-free form (what attack 2 inverts) is the same whatever the key.
+    other, _ = rekey_thresholds(vgg_one_step, RekeyConfig())  # a secret key from the OS
+    assert any(not torch.allclose(other.thresholds[n], rekeyed.thresholds[n]) for n in other.thresholds)
+    for name in vgg_one_step.thresholds:
+        torch.testing.assert_close(canonical_form(other).thresholds[name], canonical_form(rekeyed).thresholds[name], rtol=1e-4, atol=1e-6)
+    # At T > 1 θ shapes the dynamics: nothing is rewritten.
+    unchanged, skipped = rekey_thresholds(replace(vgg_one_step, timesteps=4))
+    assert not skipped["rekeyed"] and all(torch.equal(unchanged.thresholds[n], vgg_one_step.thresholds[n]) for n in vgg_one_step.thresholds)

@@ -104,7 +104,7 @@ def test_weight_cosine_ignores_per_channel_rescaling(converted) -> None:
     node.params["weight"] = node.params["weight"] * scale.reshape(-1, 1, 1, 1)
     thresholds[neuron] = thresholds[neuron] * scale
     scaled = type(converted)(**{**converted.__dict__, "graph": graph, "thresholds": thresholds})
-    assert weight_cosines(converted.graph, converted.thresholds, scaled)[node.name] == pytest.approx(1.0, abs=1e-5)
+    assert weight_cosines(converted.graph, scaled)[node.name] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_phases_descend_to_the_final_timestep() -> None:
