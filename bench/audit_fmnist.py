@@ -107,12 +107,13 @@ def main() -> None:
 
 
 def print_tables(results: dict) -> None:
-    print("\n| model | attack | ANN | converted SNN | private binary SNN | privacy gain |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | attack | judge floor (untrained) | ANN | converted SNN | private binary SNN | privacy gain |")
+    print("|---|---|---|---|---|---|---|")
     for name, document in results["models"].items():
         for attack, entries in document["attacks"].items():
-            ann = f"{entries['ann']['attack_success']:.0%}" if "ann" in entries else "–"
-            print(f"| {name} | {attack} | {ann} | {entries['converted']['attack_success']:.0%} | {entries['deployed']['attack_success']:.0%} | {document['privacy_gain'][attack]:+.0%} |")
+            ann = f"{entries['ann']['attack_success']:.1%}" if "ann" in entries else "–"
+            floor = f"{document['judge_floor']:.1%}" if attack == "weights" and "judge_floor" in document else "–"
+            print(f"| {name} | {attack} | {floor} | {ann} | {entries['converted']['attack_success']:.1%} | {entries['deployed']['attack_success']:.1%} | {document['privacy_gain'][attack]:+.1%} |")
     print("\n| model | ANN reading of the weights: accuracy on the non-members, ANN / converted / binary |")
     print("|---|---|")
     for name, document in results["models"].items():

@@ -27,7 +27,10 @@ away). The inversion itself is supplied by the caller (the pipeline passes
 Each attack's images are scored by an independent *judge*: the fraction it
 classifies as the class they were made for (chance: 1/classes). The same
 attacks on the plainly converted SNN and attack 1 on the teacher are the
-baselines, so the privacy gain is one number per attack.
+baselines, so the privacy gain is one number per attack. Attack 1 on the same
+architecture with random weights gives the *judge floor*: what the judge says
+of inversions that carry no class at all (above chance where the judge reads
+every texture as the same few classes).
 
 Also: per-layer weight cosine to the converted SNN (``privatize.weight_cosines``),
 a data-leakage statement read from the build manifest, and — given member and
@@ -37,6 +40,7 @@ scored as ROC AUC (0.5: no better than a coin).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -130,6 +134,23 @@ def descaled_ann(model: SpikingModel) -> GraphNetwork:
         amplitude = model.amplitude(name)
         activations[name] = nn.ReLU() if amplitude is theta else ScaledReLU(amplitude / theta)
     return GraphNetwork(model.graph, activations).eval()
+
+
+def untrained_ann(model: SpikingModel, seed: int) -> GraphNetwork:
+    """The attacked architecture with random (He-initialised) weights and zero biases: a network that knows no class.
+
+    Attack 1 on it measures the judge's floor: how often the judge names the
+    intended class for inversions that carry no class features (a judge may
+    read every texture as one or two classes, so the floor can sit above chance).
+    """
+    graph = model.graph.copy()
+    generator = torch.Generator().manual_seed(seed)
+    for node in graph.weighted():
+        weight = node.params["weight"]
+        node.params["weight"] = torch.randn(weight.shape, generator=generator) * math.sqrt(2 / weight[0].numel())
+        if node.params.get("bias") is not None:
+            node.params["bias"] = torch.zeros_like(node.params["bias"])
+    return GraphNetwork(graph).eval()
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +337,7 @@ def audit(
         targets.append((name, "surrogate", SurrogateSNN(snn, timesteps, config.surrogate_width)))
     if teacher is not None:
         targets.append(("ann", "weights", teacher.network))
+    targets.append(("untrained", "weights", untrained_ann(model, config.seed)))
 
     attacks: dict[str, dict[str, Any]] = {}
     inversions: list[Inversion] = []
@@ -338,6 +360,7 @@ def audit(
         inversions.append(Inversion(name, attack, images, labels))
         progress("audit attacks", index + 1, len(targets))
 
+    floor = attacks["weights"].pop("untrained")["attack_success"]
     gains = {}
     for attack, entries in attacks.items():
         if "deployed" in entries and "converted" in entries:
@@ -350,6 +373,7 @@ def audit(
         "judge": judge.name,
         "classes": classes,
         "chance": round(1 / classes, 4),
+        "judge_floor": floor,  # attack 1 on the architecture with random weights: what the judge says of class-free inversions
         "attacks": attacks,
         "privacy_gain": gains,  # attack success on the plain converted SNN minus on the deployed one
         "weight_cosine": weight_cosines(reference.graph, model),  # per layer, vs the converted SNN (= BN-folded ANN weights)
@@ -379,6 +403,7 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "judge": document["judge"],
         "chance": document["chance"],
+        "judge_floor": document.get("judge_floor"),
         "attacks": {attack: {model: {"attack_success": entry["attack_success"], "chance": entry["chance"]} for model, entry in entries.items()} for attack, entries in document["attacks"].items()},
         "privacy_gain": document["privacy_gain"],
         "data_leakage": document["data_leakage"]["statement"],
@@ -390,7 +415,7 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
 
 def report_markdown(document: dict[str, Any]) -> str:
     """The audit's section of the bundle report."""
-    lines = ["## Privacy audit", "", f"Judge: {document['judge']}; chance level {document['chance']:.0%}.", "", "| attack | model | attack success |", "|---|---|---|"]
+    lines = ["## Privacy audit", "", f"Judge: {document['judge']}; chance level {document['chance']:.0%}; judge floor (attack 1 on the architecture with random weights) {document.get('judge_floor', float('nan')):.1%}.", "", "| attack | model | attack success |", "|---|---|---|"]
     for attack, entries in document["attacks"].items():
         for model, entry in entries.items():
             lines.append(f"| {attack} | {model} | {entry['attack_success']:.1%} |")
@@ -408,4 +433,4 @@ def report_markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ATTACKS", "AuditConfig", "AuditResult", "Inversion", "Judge", "MembershipData", "ScaledReLU", "SurrogateSNN", "audit", "data_leakage", "descaled_ann", "judge_success", "membership_inference", "report_markdown", "roc_auc", "summary"]
+__all__ = ["ATTACKS", "AuditConfig", "AuditResult", "Inversion", "Judge", "MembershipData", "ScaledReLU", "SurrogateSNN", "audit", "data_leakage", "descaled_ann", "judge_success", "untrained_ann", "membership_inference", "report_markdown", "roc_auc", "summary"]

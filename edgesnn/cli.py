@@ -670,6 +670,9 @@ def build_document(result, model: str, budget: str) -> dict[str, Any]:
     }
     if binary_metrics:
         document["binarize_steps"] = binary_metrics.get("steps", [])
+    rekey = final.metrics.get("rekey")
+    if rekey is not None:
+        document["rekey"] = {k: rekey[k] for k in ("rekeyed", "span", "key", "skipped", "reason") if k in rekey}
     if "export" in result.stages:
         document["export"] = result.stages["export"]["metrics"]
     if result.report is not None:

@@ -97,6 +97,7 @@ def test_private_binary_cli_json(tmp_path) -> None:
     assert all(layer["weight_format"] in ("int8", "binary") for layer in layers.values())
     assert document["binary_fraction"] == pytest.approx(sum(l["weights"] for l in layers.values() if l["binarized"]) / sum(l["weights"] for l in layers.values()), abs=1e-4)
     assert document["size_ratio"] > 3  # int8 alone is ~4× smaller than fp32
+    assert document["rekey"]["rekeyed"] and document["rekey"]["key"].startswith("secret")  # and every export below still agrees
     assert (out / "binary.pt").is_file() and (out / "private.pt").is_file()
     assert (out / "model.onnx").is_file() and (out / "c" / "esnn_model.c").is_file() and (out / "c" / "golden_logits.txt").is_file()
     assert document["export"]["targets"] == ["onnx", "c", "tflite", "nir"] and (out / "model.tflite").is_file() and (out / "model.nir").is_file() and document["export"]["c"]["arena_bytes"] > 0
