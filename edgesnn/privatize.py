@@ -526,8 +526,8 @@ def rekey_thresholds(model: SpikingModel, config: RekeyConfig = RekeyConfig()) -
         return model, {"rekeyed": False, "reason": f"T={model.timesteps}: only a one-timestep model can be re-keyed exactly"}
     if config.span < 1:
         raise PrivatizeError(f"rekey span {config.span} must be at least 1")
-    if config.span == 1:
-        return model, {"rekeyed": False, "reason": "span 1"}
+    if config.span == 1 or model.initial_membrane >= 1:
+        return model, {"rekeyed": False, "reason": "span 1" if config.span == 1 else f"initial membrane {model.initial_membrane} ≥ 1: only 0 ≤ v0 < 1 is re-keyed"}
     if len(model.amplitudes) < len(model.thresholds):
         from .binarize import shared_amplitudes
 
@@ -551,7 +551,6 @@ def rekey_thresholds(model: SpikingModel, config: RekeyConfig = RekeyConfig()) -
         carrier.params["bias"] = (carrier.params["bias"].double() + keep * (key - 1) * theta.double()).float()
         thresholds[name] = (theta.double() * key).float()
         rekeyed.append(name)
-    del seed, generator
     metrics = {"rekeyed": True, "span": config.span, "key": "secret (drawn from the OS, not stored)" if config.seed is None else f"seed {config.seed}", "neurons": rekeyed, "skipped": skipped}
     return replace(model, graph=graph, thresholds=thresholds, metrics=dict(model.metrics, rekey=metrics)), metrics
 
@@ -562,7 +561,7 @@ def canonical_form(model: SpikingModel) -> SpikingModel:
     Two re-keyings of one model have the same canonical form, so an attack run on
     it cannot be dodged by ``rekey_thresholds``.
     """
-    if model.timesteps != 1:
+    if model.timesteps != 1 or model.initial_membrane >= 1:
         return model
     if len(model.amplitudes) < len(model.thresholds):
         from .binarize import shared_amplitudes
