@@ -31,7 +31,8 @@ its own evaluation batching, 1024/T images per call); peak RSS. Each
 includes the test images and, for SpikingJelly, the calibration images.
 
 Prints Markdown tables for BENCHMARKS.md and writes the raw figures to
-bench/results/peers.json. Use --limit 200 --max-timesteps 8 for a quick run.
+bench/results/peers.json. Use --limit 200 --max-timesteps 8 for a quick run, and
+--only (e.g. "spikingjelly:99.9%,edgesnn:binary") to run some of the jobs.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ DATA = "/usr/share/datasets/fashion-mnist"
 ROOT = Path(__file__).resolve().parent.parent
 TIMESTEPS = [1, 2, 4, 8, 16, 32, 64, 128]
 SPIKINGJELLY_MODES = ["max", "99.9%"]
+JOBS = [f"spikingjelly:{mode}" for mode in SPIKINGJELLY_MODES] + ["edgesnn:convert", "edgesnn:binary"]
 CALIBRATION_BATCH = 100  # SpikingJelly's MNIST example calibrates in batches of 100
 WARMUP_SECONDS = 1.0  # PyTorch's first calls at a new shape are slow: warm up before timing
 WITHIN = 0.01  # "within 1 point of the teacher"
@@ -220,24 +222,27 @@ def run_spikingjelly(name: str, mode: str, images: torch.Tensor, labels: torch.T
     row["convert_seconds"] = seconds
     row["if_layers"] = sum(isinstance(m, neuron.IFNode) for m in snn.modules())
     row["relu_modules_left"] = sum(isinstance(m, nn.ReLU) for m in snn.modules())
-    log(f"{name} SpikingJelly {mode}: converted in {seconds} s, {row['if_layers']} IF layers; evaluating T ≤ {args.max_timesteps}")
-
-    correct = torch.zeros(args.max_timesteps)
-    with torch.no_grad():
-        for i in range(0, len(images), args.batch):
-            functional.reset_net(snn)
-            x, y = images[i : i + args.batch], labels[i : i + args.batch]
-            total = torch.zeros(())
-            for step in range(args.max_timesteps):
-                total = total + snn(x)
-                correct[step] += float((total.argmax(1) == y).sum())
-    functional.reset_net(snn)
-    row["accuracy"] = accuracy_at(correct, len(images), args.max_timesteps)
-    row["t_within_1pt"] = smallest_within(row["accuracy"], teacher_accuracy)
-    row["timed_t"] = row["t_within_1pt"] or max(int(t) for t in row["accuracy"])
+    log(f"{name} SpikingJelly {mode}: converted in {seconds} s, {row['if_layers']} IF layers")
+    if args.timed_t:
+        row["timed_t"] = args.timed_t
+    else:
+        correct = torch.zeros(args.max_timesteps)
+        with torch.no_grad():
+            for i in range(0, len(images), args.batch):
+                functional.reset_net(snn)
+                x, y = images[i : i + args.batch], labels[i : i + args.batch]
+                total = torch.zeros(())
+                for step in range(args.max_timesteps):
+                    total = total + snn(x)
+                    correct[step] += float((total.argmax(1) == y).sum())
+        functional.reset_net(snn)
+        row["accuracy"] = accuracy_at(correct, len(images), args.max_timesteps)
+        row["t_within_1pt"] = smallest_within(row["accuracy"], teacher_accuracy)
+        row["timed_t"] = row["t_within_1pt"] or max(int(t) for t in row["accuracy"])
+        log(f"{name} SpikingJelly {mode}: " + ", ".join(f"T={t} {100 * a:.2f}" for t, a in row["accuracy"].items()))
     run = spikingjelly_run(snn, row["timed_t"])
     row.update(timings(run, images, args.batch, args))
-    log(f"{name} SpikingJelly {mode}: " + ", ".join(f"T={t} {100 * a:.2f}" for t, a in row["accuracy"].items()) + f"; {row['ms_per_image_batch1']} ms/image at T={row['timed_t']}")
+    log(f"{name} SpikingJelly {mode}: {row['ms_per_image_batch1']} ms/image at T={row['timed_t']}")
     return row
 
 
@@ -268,21 +273,24 @@ def run_edgesnn_convert(name: str, images: torch.Tensor, labels: torch.Tensor, t
     if (folder / "snn.pt").is_file():
         built = read_spiking(folder / "snn.pt")
         row["max_threshold_difference_to_build"] = max(float((built.thresholds[n] - t).abs().max()) for n, t in model.thresholds.items())
-    log(f"{name} edgesnn convert: {seconds} s (capture {row['capture_seconds']} s) on {row['calibration_images']} synthetic images; evaluating T ≤ {args.max_timesteps}")
-
-    network = SpikingNetwork(model)
-    batch = max(1, EVAL_BATCH // args.max_timesteps)
-    correct = torch.zeros(args.max_timesteps)
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            means = network(images[i : i + batch], args.max_timesteps)  # T×B×classes, averaged over the first t steps
-            correct += (means.argmax(-1) == labels[i : i + batch]).sum(1).float()
-    row["accuracy"] = accuracy_at(correct, len(images), args.max_timesteps)
-    row["t_within_1pt"] = smallest_within(row["accuracy"], teacher_accuracy)
-    row["timed_t"] = row["t_within_1pt"] or max(int(t) for t in row["accuracy"])
+    log(f"{name} edgesnn convert: {seconds} s (capture {row['capture_seconds']} s) on {row['calibration_images']} synthetic images")
+    if args.timed_t:
+        row["timed_t"] = args.timed_t
+    else:
+        network = SpikingNetwork(model)
+        batch = max(1, EVAL_BATCH // args.max_timesteps)
+        correct = torch.zeros(args.max_timesteps)
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                means = network(images[i : i + batch], args.max_timesteps)  # T×B×classes, averaged over the first t steps
+                correct += (means.argmax(-1) == labels[i : i + batch]).sum(1).float()
+        row["accuracy"] = accuracy_at(correct, len(images), args.max_timesteps)
+        row["t_within_1pt"] = smallest_within(row["accuracy"], teacher_accuracy)
+        row["timed_t"] = row["t_within_1pt"] or max(int(t) for t in row["accuracy"])
+        log(f"{name} edgesnn convert: " + ", ".join(f"T={t} {100 * a:.2f}" for t, a in row["accuracy"].items()))
     run = edgesnn_run(model, row["timed_t"])
     row.update(timings(run, images, max(1, EVAL_BATCH // row["timed_t"]), args))
-    log(f"{name} edgesnn convert: " + ", ".join(f"T={t} {100 * a:.2f}" for t, a in row["accuracy"].items()) + f"; {row['ms_per_image_batch1']} ms/image at T={row['timed_t']}")
+    log(f"{name} edgesnn convert: {row['ms_per_image_batch1']} ms/image at T={row['timed_t']}")
     return row
 
 
@@ -331,13 +339,15 @@ def run_job(job: str, name: str, args) -> dict:
 # Orchestration and report
 
 
-def in_process(job: str, name: str, args, teacher_accuracy: float | None = None) -> dict:
+def in_process(job: str, name: str, args, teacher_accuracy: float | None = None, timed_t: int | None = None) -> dict:
     """Run one job in a fresh process of this interpreter (its own peak RSS); its row, or the error."""
     command = [sys.executable, __file__, "--job", job, "--models", name, "--limit", str(args.limit), "--max-timesteps", str(args.max_timesteps),
                "--calibration", str(args.calibration), "--batch", str(args.batch), "--latency-images", str(args.latency_images),
                "--timing-images", str(args.timing_images), "--threads", str(args.threads), "--builds", str(args.builds)]
     if teacher_accuracy is not None:
         command += ["--teacher-accuracy", str(teacher_accuracy)]
+    if timed_t is not None:
+        command += ["--timed-t", str(timed_t)]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     if result.returncode != 0:
         log(f"{name} {job}: failed (exit {result.returncode})")
@@ -346,27 +356,39 @@ def in_process(job: str, name: str, args, teacher_accuracy: float | None = None)
 
 
 def run_model(name: str, args) -> dict:
+    """The teacher, then each job of ``args.only`` (all by default) for one zoo model."""
     teacher = in_process("teacher", name, args)
     accuracy = teacher["accuracy"]
-    result = {"model": name, "teacher": teacher, "spikingjelly": {mode: in_process(f"spikingjelly:{mode}", name, args, accuracy) for mode in SPIKINGJELLY_MODES}}
+    result = {"model": name, "teacher": teacher, "spikingjelly": {mode: in_process(f"spikingjelly:{mode}", name, args, accuracy) for mode in SPIKINGJELLY_MODES if f"spikingjelly:{mode}" in args.only}}
     folder = args.builds / name
-    result["edgesnn_convert"] = in_process("edgesnn:convert", name, args, accuracy) if (folder / "synthetic.npz").is_file() else {"error": f"no build in {folder}"}
-    result["edgesnn_binary"] = in_process("edgesnn:binary", name, args) if (folder / "binary.pt").is_file() else {"error": f"no binary.pt in {folder}"}
+    if "edgesnn:convert" in args.only:
+        result["edgesnn_convert"] = in_process("edgesnn:convert", name, args, accuracy) if (folder / "synthetic.npz").is_file() else {"error": f"no build in {folder}"}
+    if "edgesnn:binary" in args.only:
+        result["edgesnn_binary"] = in_process("edgesnn:binary", name, args) if (folder / "binary.pt").is_file() else {"error": f"no binary.pt in {folder}"}
     return result
 
 
 def headline(r: dict) -> str | None:
-    """T=1 binary against the SpikingJelly mode that gets within 1 point of the teacher soonest."""
-    binary = r["edgesnn_binary"]
-    reached = [(row["t_within_1pt"], -row["accuracy"][str(row["t_within_1pt"])], mode) for mode, row in r["spikingjelly"].items() if row.get("t_within_1pt")]
-    if "error" in binary or not reached:
+    """T=1 binary against the SpikingJelly mode that gets within 1 point of the teacher soonest (or is best at the largest T)."""
+    binary = r.get("edgesnn_binary", {"error": "not run"})
+    peers = {mode: row for mode, row in r["spikingjelly"].items() if "error" not in row}
+    if "error" in binary or not peers:
         return None
-    t, _, mode = min(reached)
-    peer = r["spikingjelly"][mode]
+    reached = [(row["t_within_1pt"], -row["accuracy"][str(row["t_within_1pt"])], mode) for mode, row in peers.items() if row["t_within_1pt"]]
+    if reached:
+        t, _, mode = min(reached)
+        where = f"at T={t}, the smallest T within 1 point of the teacher"
+        less = "less"
+    else:
+        mode = max(peers, key=lambda m: peers[m]["accuracy"][str(peers[m]["timed_t"])])
+        t = peers[mode]["timed_t"]
+        where = f"at T={t}, still not within 1 point of the teacher"
+        less = "less, at least,"
+    peer = peers[mode]
     peer_accuracy, binary_accuracy = peer["accuracy"][str(t)], binary["accuracy"]["1"]
     return (
-        f"{r['model']}: edgesnn's private binary T=1 model vs SpikingJelly ({mode}) at T={t}, the smallest T within 1 point of the teacher: "
-        f"{peer['ms_per_image_batch1'] / binary['ms_per_image_batch1']:.0f}× less inference time per image at batch 1 "
+        f"{r['model']}: edgesnn's private binary T=1 model vs SpikingJelly ({mode}) {where}: "
+        f"{peer['ms_per_image_batch1'] / binary['ms_per_image_batch1']:.0f}× {less} inference time per image at batch 1 "
         f"({peer['ms_per_image_batched'] / binary['ms_per_image_batched']:.0f}× batched), at {100 * (binary_accuracy - peer_accuracy):+.2f} points of accuracy "
         f"({100 * binary_accuracy:.2f}% vs {100 * peer_accuracy:.2f}%; teacher {100 * r['teacher']['accuracy']:.2f}%)"
     )
@@ -382,10 +404,12 @@ def markdown(results: list[dict], max_timesteps: int) -> str:
     def methods(r: dict):
         for mode, row in r["spikingjelly"].items():
             yield f"SpikingJelly 2.0.0, {mode}", row, f"real train ({row.get('calibration_images', '')})"
-        row = r["edgesnn_convert"]
-        yield "edgesnn convert", row, f"synthetic ({row.get('calibration_images', '')})"
-        row = r["edgesnn_binary"]
-        yield "edgesnn private + binary", row, f"synthetic ({row.get('synthetic_images', '')})"
+        if "edgesnn_convert" in r:
+            row = r["edgesnn_convert"]
+            yield "edgesnn convert", row, f"synthetic ({row.get('calibration_images', '')})"
+        if "edgesnn_binary" in r:
+            row = r["edgesnn_binary"]
+            yield "edgesnn private + binary", row, f"synthetic ({row.get('synthetic_images', '')})"
 
     for r in results:
         for method, row, calibration in methods(r):
@@ -420,6 +444,34 @@ def markdown(results: list[dict], max_timesteps: int) -> str:
     return "\n".join(lines)
 
 
+def retime(report: dict, args) -> None:
+    """Conversion seconds and ms/image measured again (e.g. on a machine quieter than during the accuracy run)."""
+    for result in report["results"]:
+        name = result["model"]
+        teacher = in_process("teacher", name, args)
+        result["teacher"].update({k: v for k, v in teacher.items() if k.startswith("ms_") or k == "job_seconds"})
+        rows = [(f"spikingjelly:{mode}", row) for mode, row in result["spikingjelly"].items()]
+        rows += [(job, result[key]) for job, key in (("edgesnn:convert", "edgesnn_convert"), ("edgesnn:binary", "edgesnn_binary")) if key in result]
+        for job, row in rows:
+            if "error" in row:
+                continue
+            fresh = in_process(job, name, args, result["teacher"]["accuracy"], None if job == "edgesnn:binary" else row["timed_t"])
+            if "error" in fresh:
+                row["retime_error"] = fresh["error"]
+                continue
+            # Peak RSS stays the accuracy run's: it is the larger, and contention does not change it.
+            row.update({k: fresh[k] for k in ("ms_per_image_batch1", "ms_per_image_batched", "batch", "latency_images", "timing_images", "convert_seconds", "capture_seconds") if k in fresh})
+    report["retimed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["headlines"] = [text for text in (headline(r) for r in report["results"]) if text]
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(title(report))
+    print(markdown(report["results"], report["max_timesteps"]))
+
+
+def title(report: dict) -> str:
+    return f"peers — {report['date']}, {report['machine']}, {report['limit']} test images, T ≤ {report['max_timesteps']}, {report['seconds']:.0f} s\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO))
@@ -427,18 +479,34 @@ def main() -> None:
     parser.add_argument("--max-timesteps", type=int, default=max(TIMESTEPS), help="largest T evaluated")
     parser.add_argument("--calibration", type=int, default=10000, help="real training images SpikingJelly calibrates on")
     parser.add_argument("--batch", type=int, default=256, help="test images per call for the teacher and SpikingJelly")
-    parser.add_argument("--latency-images", type=int, default=200, help="test images timed one at a time")
-    parser.add_argument("--timing-images", type=int, default=2000, help="test images timed in batches")
+    parser.add_argument("--latency-images", type=int, default=100, help="test images timed one at a time")
+    parser.add_argument("--timing-images", type=int, default=1000, help="test images timed in batches")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--builds", type=Path, default=ROOT / "bench" / "builds", help="edgesnn builds (BUILDS/<model>/synthetic.npz, snn.pt, binary.pt)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peers.json")
+    parser.add_argument("--only", default=",".join(JOBS), help=f"jobs to run beside the teacher (default all: {','.join(JOBS).replace('%', '%%')})")
+    parser.add_argument("--render", type=Path, help="print the tables of an earlier run's JSON and exit")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--teacher-accuracy", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--timed-t", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--retime", type=Path, help="convert and time again at the T values of an earlier run's JSON, keeping its accuracies; writes --out")
     args = parser.parse_args()
     if not Path(DATA).is_dir():
         sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    args.only = [job for job in args.only.split(",") if job]
+    unknown = [job for job in args.only if job not in JOBS]
+    if unknown:
+        sys.exit(f"error: --only {','.join(unknown)}: unknown job; valid: {', '.join(JOBS)}")
     if args.job:
         print(json.dumps(run_job(args.job, args.models, args)))
+        return
+    if args.retime:
+        retime(json.loads(args.retime.read_text()), args)
+        return
+    if args.render:
+        report = json.loads(args.render.read_text())
+        print(title(report))
+        print(markdown(report["results"], report["max_timesteps"]))
         return
     from importlib.metadata import version
 
@@ -454,6 +522,7 @@ def main() -> None:
             "limit": args.limit,
             "max_timesteps": args.max_timesteps,
             "calibration": args.calibration,
+            "jobs": args.only,
             "complete": len(results) == len(models),  # written after each model, so that a cut-off run leaves its figures
             "seconds": round(time.perf_counter() - started, 1),
             "headlines": [text for text in (headline(r) for r in results) if text],
@@ -461,7 +530,7 @@ def main() -> None:
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"peers — {report['date']}, {machine}, {args.limit} test images, T ≤ {args.max_timesteps}, {report['seconds']:.0f} s\n")
+    print(title(report))
     print(markdown(results, args.max_timesteps))
 
 
