@@ -39,7 +39,13 @@ The simulation is vectorised over trials: trial k's values sit in channels
 [k·C, (k+1)·C) of one tensor and each conv runs as one grouped convolution
 over all trials, a few images at a time so that the per-trial tensors stay in
 cache. With ADCs the step is folded into each tile's weights, so the conv
-yields the partial sums in ADC steps. With every non-ideality zero the weights
+yields the partial sums in ADC steps. Read noise, ADC, the sum over tiles, the
+bias and (at T = 1) the next IF neurons then run in one pass per tile
+(``crossbar_readout``: a small C kernel, torch operations without a compiler),
+with the noise from a counter-based generator: seeded, and independent of the
+thread count. The read-noise variance is computed in bfloat16 (it only sets
+the noise's σ: an error of ≲ 0.2% of σ); for spikes x ∈ {0, a}, x² = a·x, so
+its conv reads the spikes themselves. With every non-ideality zero the weights
 are the model's own and the computation is the ideal simulator's, bit for bit.
 """
 
@@ -47,7 +53,6 @@ from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -56,6 +61,7 @@ import torch.nn.functional as F
 
 from .artifacts import Progress, SpikingModel, no_progress
 from .convert import IFNeuron
+from .crossbar_readout import mix64, readout
 from .errors import EdgeSNNError
 from torch.nn.modules.utils import _pair
 
@@ -63,9 +69,9 @@ from .graph import OPS, GraphNetwork, Node, _broadcast_time, module_key
 
 TILE_SIZES = (64, 128, 256)
 SAMPLES_PER_CALL = 200  # images × trials × T per simulation call: small enough to stay in cache
-NOISE_STREAMS = 2  # read-noise generators drawn from in parallel
 CALIBRATION_SAMPLES = 512  # images × T the ADC ranges are calibrated on
 MIN_ADC_STEP = 1e-15  # ADC step of a column whose calibrated range is 0 (it reads ≈ 0)
+VARIANCE_DTYPE = torch.bfloat16  # the read-noise variance's conv: it sets σ of the noise only (error ≲ 0.2% of σ)
 
 
 class CrossbarError(EdgeSNNError):
@@ -248,12 +254,16 @@ def program(layers: list[MappedLayer], config: CrossbarConfig) -> None:
 
 
 class _Value:
-    """A tensor of the simulation: shared by all trials (N × C × …) or per trial (N × trials·C × …)."""
+    """A tensor of the simulation: shared by all trials (N × C × …) or per trial (N × trials·C × …).
 
-    __slots__ = ("tensor", "per_trial")
+    ``amplitude``: for spikes, the C spike amplitudes a (every value is 0 or its channel's a,
+    so x² = a·x); None for other values.
+    """
 
-    def __init__(self, tensor: torch.Tensor, per_trial: bool):
-        self.tensor, self.per_trial = tensor, per_trial
+    __slots__ = ("tensor", "per_trial", "amplitude")
+
+    def __init__(self, tensor: torch.Tensor, per_trial: bool, amplitude: torch.Tensor | None = None):
+        self.tensor, self.per_trial, self.amplitude = tensor, per_trial, amplitude
 
 
 def _expand_trials(tensor: torch.Tensor, trials: int) -> torch.Tensor:
@@ -270,29 +280,21 @@ def _batch_to_trials(tensor: torch.Tensor, trials: int) -> torch.Tensor:
 
 
 class _ReadNoise:
-    """Standard normal draws for read noise from ``NOISE_STREAMS`` seeded generators.
+    """The read-noise stream: counter-based normals under a key from the seed (``crossbar_readout``).
 
-    Each draw is split into equal contiguous parts, one per stream, filled in parallel
-    when torch may use more than one thread (a generator fills serially). The values
-    depend on the seed and the order of the draws only, not on the thread count.
+    Each readout takes the next block of indices, so the draws depend on the seed and the order
+    of the readouts only, not on the thread count.
     """
 
-    _pool: ThreadPoolExecutor | None = None
-
     def __init__(self, seed: int):
-        self.generators = [torch.Generator().manual_seed(seed * NOISE_STREAMS + stream) for stream in range(NOISE_STREAMS)]
+        self.key = mix64(seed)
+        self.counter = 0
 
-    def normal(self, count: int) -> torch.Tensor:
-        buffer = torch.empty(count)
-        parts = [(part, generator) for part, generator in zip(buffer.chunk(NOISE_STREAMS), self.generators)]
-        if torch.get_num_threads() > 1 and count >= 65536:
-            if _ReadNoise._pool is None:
-                _ReadNoise._pool = ThreadPoolExecutor(NOISE_STREAMS, thread_name_prefix="edgesnn-noise")
-            list(_ReadNoise._pool.map(lambda item: item[0].normal_(generator=item[1]), parts))
-        else:
-            for part, generator in parts:
-                part.normal_(generator=generator)
-        return buffer
+    def take(self, count: int) -> int:
+        """The first of ``count`` fresh indices."""
+        first = self.counter
+        self.counter += count
+        return first
 
 
 class _Simulator:
@@ -312,13 +314,24 @@ class _Simulator:
         self.modules = {node.name: reference.layer(node.name) for node in self.graph.nodes if module_key(node.name) in reference.layers}
         self.neurons: dict[tuple[str, bool], IFNeuron] = {}
         self.owned = False
-        self.tile_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self.tile_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
 
     def _neuron(self, name: str, per_trial: bool) -> IFNeuron:
         key = (name, per_trial)
         if key not in self.neurons:
             self.neurons[key] = IFNeuron(self.model.thresholds[name], self.model.initial_membrane, self.model.amplitudes.get(name))
         return self.neurons[key]
+
+    def _thresholds(self, name: str, channels: int) -> torch.Tensor:
+        """θ of each of a neuron layer's ``channels``, as ``_fire`` lays them out."""
+        theta = self.model.thresholds[name]
+        return theta.repeat(channels // theta.numel()) if theta.dim() == 1 else theta.expand(channels)
+
+    def _amplitudes(self, name: str, channels: int) -> torch.Tensor:
+        """The spike amplitude of each of a neuron layer's ``channels`` (θ unless the model sets one)."""
+        amplitude = self.model.amplitudes.get(name)
+        amplitude = self.model.thresholds[name] if amplitude is None else amplitude.reshape(())
+        return amplitude.float().expand(channels) if amplitude.dim() == 0 else amplitude.float().reshape(-1).repeat(channels // amplitude.numel())
 
     def _fire(self, name: str, current: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """IF neurons of every trial: v ← v + I, s = [v ≥ θ], v ← v − θ·s from v(0) = v₀·θ, as
@@ -359,6 +372,14 @@ class _Simulator:
             for name in node.inputs:
                 last_use[name] = index
                 readers[name] = readers.get(name, 0) + 1
+        # A layer read by its IF neurons alone fires them in its readout (T = 1): one pass less.
+        self.fire_into = {}
+        if self.steps == 1 and not self.calibrating:
+            for node in self.graph.nodes:
+                source = node.inputs[0] if node.op == "relu" and len(node.inputs) == 1 else None
+                if source in self.layers and readers[source] == 1 and source != self.graph.output:
+                    self.fire_into[source] = node.name
+        self.fired: set[str] = set()
         for index, node in enumerate(self.graph.nodes):
             # A tensor this simulator computed (a layer's or an add's output) read by this node alone
             source = node.inputs[0] if len(node.inputs) == 1 else None
@@ -393,11 +414,14 @@ class _Simulator:
             return _Value(torch.cat(tensors, dim=node.attrs["dim"]), per_trial)
         value = inputs[0]
         if node.op == "relu":
+            if node.inputs[0] in self.fired:
+                return value  # already fired in the layer's readout
+            amplitude = self._amplitudes(node.name, value.tensor.shape[1] // (self.trials if value.per_trial else 1))
             if value.per_trial:
-                return _Value(self._fire(node.name, value.tensor, self.owned), True)
+                return _Value(self._fire(node.name, value.tensor, self.owned), True, amplitude)
             neuron = self._neuron(node.name, False)
             neuron.timesteps, neuron.batch = self.steps, self.batch
-            return _Value(neuron(value.tensor), False)
+            return _Value(neuron(value.tensor), False, amplitude)
         if node.name in self.layers:
             return self._weighted(self.layers[node.name], value)
         module = self.modules[node.name]
@@ -428,6 +452,19 @@ class _Simulator:
             return F.conv2d(x, weight.repeat(self.trials, 1, 1, 1), None if bias is None else bias.repeat(self.trials), stride, padding, dilation, self.trials)
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
+    def _grouped_weights(self, weight: torch.Tensor, per_trial: bool) -> torch.Tensor:
+        """trials × O × C × k_h × k_w (or O × C × k_h × k_w, shared) → trials·O × C × k_h × k_w,
+        channels-last as the conv wants them (converted once here, not at every call)."""
+        flat = weight.reshape(-1, *weight.shape[2:]) if per_trial else weight.repeat(self.trials, 1, 1, 1)
+        return flat.contiguous(memory_format=torch.channels_last)
+
+    def _grouped_conv(self, x: torch.Tensor, weight: torch.Tensor, node: Node) -> torch.Tensor:
+        """Per-trial inputs (N × trials·C × …) through ``_grouped_weights``: N × trials·O × …."""
+        stride, padding, dilation = (1, 0, 1) if node.op == "linear" else (node.attrs["stride"], node.attrs["padding"], node.attrs["dilation"])
+        if x.shape[-1] * x.shape[-2] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, None, stride, padding, dilation, self.trials)
+
     def _weighted(self, layer: MappedLayer, value: _Value) -> _Value:
         node, config = layer.node, self.config
         x, x_per_trial = value.tensor, value.per_trial
@@ -447,87 +484,130 @@ class _Simulator:
         if config.read_noise > 0 and self.steps > 1 and x.shape[0] == self.batch:
             x = x.unsqueeze(0).expand(self.steps, *x.shape).reshape(-1, *x.shape[1:])  # every step reads again
         weight = layer.weight if layer.programmed is None else layer.programmed
-        if layer.programmed is not None and layer.per_trial:
-            weight = weight[self.trial_slice]
         w_per_trial = layer.programmed is not None and layer.per_trial
+        if w_per_trial:
+            weight = weight[self.trial_slice]
         squared = layer.squared
         s_per_trial = squared is not None and squared.dim() == 5
         if s_per_trial:
             squared = squared[self.trial_slice]
         noisy = config.read_noise > 0 and not self.calibrating
-        out_per_trial = x_per_trial or w_per_trial or noisy
-        if config.adc_bits is None:
-            # No ADC: the tiles' column currents are summed before any readout, and the sum of
-            # their independent Gaussian read noises is one Gaussian with the summed variance.
-            total = self._conv(x, weight, node, x_per_trial, w_per_trial, bias)
-            if noisy:
-                variance = self._conv(x.square(), squared, node, x_per_trial, s_per_trial)
-                total = self._add_read_noise(total, variance, x_per_trial or w_per_trial, x_per_trial or s_per_trial)
-        else:
-            total = self._tiles_through_adc(layer, x, weight, squared, x_per_trial, w_per_trial, s_per_trial, noisy)
+        if self.calibrating:
+            total = self._calibrate(layer, x, weight, x_per_trial, w_per_trial)
             if bias is not None:
                 total += bias.repeat(total.shape[1] // bias.numel()).reshape(1, -1, 1, 1)
+        elif config.adc_bits is None and not noisy:
+            total = self._conv(x, weight, node, x_per_trial, w_per_trial, bias)  # the programmed weights, read ideally
+        else:
+            neuron = self.fire_into.get(node.name) if (x_per_trial or w_per_trial or noisy) else None
+            fire = None
+            if neuron is not None:
+                theta, amplitude = self._thresholds(neuron, layer.weight.shape[0]), self._amplitudes(neuron, layer.weight.shape[0])
+                fire = (theta * (1 - self.model.initial_membrane), amplitude)
+            total = self._read(layer, x, value.amplitude, weight, squared, x_per_trial, w_per_trial, s_per_trial, bias, fire)
+            if fire is not None:
+                self.fired.add(node.name)
+                if node.op == "linear":
+                    total = total.reshape(total.shape[0], -1)
+                return _Value(total, True, fire[1])
         if node.op == "linear":
             total = total.reshape(total.shape[0], -1)
-        return _Value(total, out_per_trial)
+        return _Value(total, x_per_trial or w_per_trial or noisy)
 
-    def _add_read_noise(self, total: torch.Tensor, variance: torch.Tensor, total_per_trial: bool, variance_per_trial: bool) -> torch.Tensor:
-        """total + σ_r·√variance·n, n ~ N(0, 1) drawn per output and per trial (in place on ``total``)."""
-        if not total_per_trial:
-            total = _expand_trials(total, self.trials)
-        if not variance_per_trial:
-            variance = _expand_trials(variance, self.trials)
-        # Drawn contiguous (normal_'s vectorised path), laid out as ``variance`` (often channels-last).
-        noise = self.noise.normal(variance.numel()).as_strided(variance.shape, variance.stride())
-        return total.addcmul_(variance.clamp_min_(0).sqrt_(), noise, value=self.config.read_noise)
+    def _read(self, layer: MappedLayer, x: torch.Tensor, amplitude: torch.Tensor | None, weight: torch.Tensor, squared: torch.Tensor | None, x_per_trial: bool, w_per_trial: bool, s_per_trial: bool, bias: torch.Tensor | None, fire: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer's output through the crossbar readout (``crossbar_readout.readout``).
 
-    def _tiles_through_adc(self, layer: MappedLayer, x: torch.Tensor, weight: torch.Tensor, squared: torch.Tensor | None, x_per_trial: bool, w_per_trial: bool, s_per_trial: bool, noisy: bool) -> torch.Tensor:
-        """Σ over row tiles of ADC(tile's partial sums + read noise), no bias.
-
-        The ADC step is folded into the tile's weights (and its square into the variance's),
-        so the conv returns the partial sums in ADC steps: round, clamp, scale back, add.
+        With ADCs each row tile is read out on its own: the ADC step is folded into the tile's
+        weights (and its square into the variance's), so the conv yields the partial sums in ADC
+        steps and the readout adds the read noise, rounds, clamps, scales back and sums the tiles
+        in one pass. Without ADCs the tiles' column currents are summed before any readout, and
+        the sum of their independent Gaussian read noises is one Gaussian with the summed
+        variance: one readout for the whole layer. For spikes (x ∈ {0, a}) x² = a·x, so the
+        variance σ_r²·Σ x²·(G⁺² + G⁻²) is one more set of output channels of the same conv.
         """
         node, config = layer.node, self.config
-        slices = layer.tile_slices()
+        noisy = config.read_noise > 0
+        trials = self.trials if (x_per_trial or w_per_trial or noisy) else 1
+        outputs = layer.weight.shape[0]
+        levels = 0 if config.adc_bits is None else 2 ** (config.adc_bits - 1) - 1
+        slices = layer.tile_slices() if levels else [slice(None)]
         channels = layer.weight.shape[1]
-        levels = 2 ** (config.adc_bits - 1) - 1
         total = None
         for tile, part in enumerate(slices):
             xs = x if len(slices) == 1 else self._channel_tile(x, channels, part, x_per_trial)
-            if self.calibrating:
-                ws = weight[:, :, part] if w_per_trial else weight[:, part]
-                partial = self._conv(xs, ws, node, x_per_trial, w_per_trial)
-                layer.ranges.append(partial.abs().amax(dim=(0, 2, 3)))
-                total = partial if total is None else total + partial
-                continue
-            scaled, scaled_squared, step = self._tile_weights(layer, tile, part, weight, squared, w_per_trial, s_per_trial, levels)
-            partial = self._conv(xs, scaled, node, x_per_trial, w_per_trial)
+            scaled, scaled_squared, step = self._tile_weights(layer, tile, part, weight, squared, w_per_trial, s_per_trial, levels, amplitude, x_per_trial)
+            out = self._grouped_conv(xs, scaled, node) if x_per_trial else self._conv(xs, scaled, node, False, w_per_trial)
+            rows = out.movedim(1, -1).reshape(-1, out.shape[1])
+            shape = (out.shape[0], *out.shape[2:])
+            partial = rows.reshape(rows.shape[0], -1, outputs)
+            variance = None
             if noisy:
-                variance = self._conv(xs.square(), scaled_squared, node, x_per_trial, s_per_trial)
-                partial = self._add_read_noise(partial, variance, x_per_trial or w_per_trial, x_per_trial or s_per_trial)
-            partial = partial.round_().clamp_(-levels, levels)
-            step = step.repeat(partial.shape[1] // step.numel()).reshape(1, -1, 1, 1)
-            total = partial.mul_(step) if total is None else total.addcmul_(partial, step)
+                # Spikes x = a·s are read as x̃ = ã·s in the variance's dtype (ã: a rounded; a²/ã is in its weights).
+                xs_variance = self._channel_tile(x, channels, part, x_per_trial, VARIANCE_DTYPE, square=amplitude is None)
+                variance = self._grouped_conv(xs_variance, scaled_squared, node) if x_per_trial else self._conv(xs_variance, scaled_squared, node, False, s_per_trial)
+                variance = variance.movedim(1, -1).reshape(rows.shape[0], -1, outputs)
+            if partial.shape[1] != trials:
+                partial = partial.expand(-1, trials, -1)
+            if variance is not None and variance.shape[1] != trials:
+                variance = variance.expand(-1, trials, -1)
+            counter = self.noise.take(partial.numel()) if noisy else 0
+            last = tile == len(slices) - 1
+            total = readout(total, partial, variance, trials, outputs, self.noise.key, counter, config.read_noise, levels, step, bias if tile == 0 else None, fire if last else None)
+        return total.reshape(*shape, -1).movedim(-1, 1)
+
+    def _calibrate(self, layer: MappedLayer, x: torch.Tensor, weight: torch.Tensor, x_per_trial: bool, w_per_trial: bool) -> torch.Tensor:
+        """The ideal layer (no bias), recording each row tile's largest |partial sum| per column."""
+        slices = layer.tile_slices()
+        channels = layer.weight.shape[1]
+        total = None
+        for part in slices:
+            xs = x if len(slices) == 1 else self._channel_tile(x, channels, part, x_per_trial)
+            ws = weight[:, :, part] if w_per_trial else weight[:, part]
+            partial = self._conv(xs, ws, layer.node, x_per_trial, w_per_trial)
+            layer.ranges.append(partial.abs().amax(dim=(0, 2, 3)))
+            total = partial if total is None else total + partial
         return total
 
-    def _channel_tile(self, x: torch.Tensor, channels: int, part: slice, per_trial: bool) -> torch.Tensor:
-        """The input channels ``part`` of every trial, copied once, channels-last."""
+    def _channel_tile(self, x: torch.Tensor, channels: int, part: slice, per_trial: bool, dtype: torch.dtype | None = None, square: bool = False) -> torch.Tensor:
+        """The input channels ``part`` of every trial, copied once, channels-last; ``dtype``,
+        ``square``: converted to it, squared, in the same pass."""
         if not per_trial:
-            return x[:, part]
+            x = x[:, part]
+            return (x.square() if square else x).to(dtype or x.dtype)
         batch, _, height, width = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(batch, height, width, self.trials, channels)[..., part]
-        return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        if dtype is None and not square:
+            return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        out = torch.empty(rows.shape, dtype=dtype or x.dtype)
+        if square:
+            torch.mul(rows, rows, out=out)
+        else:
+            out.copy_(rows)
+        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
-    def _tile_weights(self, layer: MappedLayer, tile: int, part: slice, weight: torch.Tensor, squared: torch.Tensor | None, w_per_trial: bool, s_per_trial: bool, levels: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """A tile's weights in ADC steps (and their squares in steps²), cached for this simulator's trials."""
+    def _tile_weights(self, layer: MappedLayer, tile: int, part: slice, weight: torch.Tensor, squared: torch.Tensor | None, w_per_trial: bool, s_per_trial: bool, levels: int, amplitude: torch.Tensor | None, grouped: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A tile's weights in ADC steps (no ADC: as programmed) and the read-noise variance's in
+        steps², the input's spike amplitudes folded in; ``grouped``: laid out for ``_grouped_conv``. Cached for this
+        simulator's trials. Returns (weights, variance weights or None, ADC step per output or None)."""
         key = (layer.node.name, tile)
         if key not in self.tile_cache:
-            step = (layer.ranges[tile] / levels).clamp_min(MIN_ADC_STEP)
             shape = (-1, 1, 1, 1)
-            scaled = (weight[:, :, part] if w_per_trial else weight[:, part]) / step.reshape(shape)
+            step = (layer.ranges[tile] / levels).clamp_min(MIN_ADC_STEP) if levels else None
+            scaled = weight[:, :, part] if w_per_trial else weight[:, part]
+            if step is not None:
+                scaled = scaled / step.reshape(shape)
             scaled_squared = None
             if squared is not None:
-                scaled_squared = (squared[:, :, part] if s_per_trial else squared[:, part]) / step.square().reshape(shape)
+                scaled_squared = squared[:, :, part] if s_per_trial else squared[:, part]
+                if step is not None:
+                    scaled_squared = scaled_squared / step.square().reshape(shape)
+                if amplitude is not None:
+                    a = amplitude[part]
+                    scaled_squared = scaled_squared * (a.square() / a.to(VARIANCE_DTYPE).float()).reshape(-1, 1, 1)
+                scaled_squared = scaled_squared.to(VARIANCE_DTYPE)
+            if grouped:
+                scaled = self._grouped_weights(scaled, w_per_trial)
+                scaled_squared = None if scaled_squared is None else self._grouped_weights(scaled_squared, s_per_trial)
             self.tile_cache[key] = (scaled, scaled_squared, step)
         return self.tile_cache[key]
 

@@ -154,6 +154,78 @@ def test_read_noise_does_not_depend_on_the_thread_count(vgg_one_step, images, ad
     assert not torch.equal(one[:, 0], one[:, 1])  # trials see different devices and noise
 
 
+def test_read_noise_normals_are_standard_and_indexed():
+    from edgesnn.crossbar_readout import mix64, normals, reference_normals
+
+    key = mix64(11)
+    draws = normals(0, 1 << 20, key).double()
+    assert abs(float(draws.mean())) < 5 / 2**10 and abs(float(draws.var()) - 1) < 5 * math.sqrt(2) / 2**10  # 5 standard errors
+    ordered, _ = draws.sort()
+    cdf = 0.5 * (1 + torch.erf(ordered / math.sqrt(2)))
+    assert float((cdf - torch.arange(1, len(draws) + 1, dtype=torch.float64) / len(draws)).abs().max()) * 2**10 < 1.95  # KS, 0.1%
+    # A draw depends on its index only: any range, any split, compiled or as torch operations.
+    torch.testing.assert_close(normals(1001, 5003, key), draws[1001:5003].float(), rtol=0, atol=0)
+    torch.testing.assert_close(reference_normals(1001, 5003, key), draws[1001:5003].float(), rtol=0, atol=1e-5)
+    assert not torch.equal(normals(0, 64, mix64(12)), draws[:64].float())
+
+
+@pytest.mark.parametrize("levels", [0, 31])
+@pytest.mark.parametrize("fire", [False, True])
+def test_readout_kernel_matches_the_torch_reference(levels, fire, monkeypatch):
+    from edgesnn import crossbar_readout
+
+    if crossbar_readout.kernel() is None:
+        pytest.skip("no C compiler: the readout runs as torch operations")
+    generator = torch.Generator().manual_seed(0)
+    trials, outputs = 3, 7
+    partial = (torch.randn(2, trials * outputs, 5, 5, generator=generator) * 20).contiguous(memory_format=torch.channels_last)
+    variance = torch.rand(2, trials * outputs, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)
+    step, bias = torch.rand(outputs, generator=generator) + 0.5, torch.randn(outputs, generator=generator)
+
+    def two_tiles():
+        total = crossbar_readout.readout(None, partial, variance, trials, outputs, 5, 100, 0.3, levels, step, bias)
+        neurons = (torch.randn(outputs, generator=torch.Generator().manual_seed(1)), step) if fire else None
+        return crossbar_readout.readout(total, partial * 0.5, variance, trials, outputs, 5, 300, 0.3, levels, step, None, neurons)
+
+    compiled = two_tiles()
+    monkeypatch.setattr(crossbar_readout, "_library", None)
+    monkeypatch.setattr(crossbar_readout, "_compile_failed", True)
+    reference = two_tiles()
+    assert compiled.shape == (50, trials * outputs)
+    # The same draws; rint may differ where log/cos/sin round differently right at a half step.
+    close = torch.isclose(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert float(close.float().mean()) > 0.99 if levels else bool(close.all())
+
+
+def test_read_noise_variance_shortcuts_keep_the_predictions(vgg_one_step, images, monkeypatch):
+    """The variance σ_r²·Σ x²·(G⁺² + G⁻²) in bfloat16, and for spikes x ∈ {0, a} as Σ x̃·(a²/ã)·(G⁺² + G⁻²)
+    (x̃, ã: rounded to bfloat16): against float32 and the explicit x², with the same draws, the noise's σ
+    moves by ≲ 0.2%, which changes an ADC level or a spike only where a value sits on the edge."""
+    from edgesnn import crossbar
+    from edgesnn.crossbar import _Simulator
+
+    x = images[0][:64]
+    config = CrossbarConfig(variation=0.1, faults=0.01, read_noise=0.05, adc_bits=6, ir_drop=0.05, trials=3, seed=2)
+    shortcut = crossbar_logits(vgg_one_step, x, config).argmax(-1)
+    monkeypatch.setattr(crossbar, "VARIANCE_DTYPE", torch.float32)
+    read = _Simulator._read
+    monkeypatch.setattr(_Simulator, "_read", lambda self, layer, x, amplitude, *rest: read(self, layer, x, None, *rest))
+    explicit = crossbar_logits(vgg_one_step, x, config).argmax(-1)
+    assert float((shortcut == explicit).float().mean()) > 0.95
+
+
+def test_monte_carlo_without_the_compiled_kernel_is_equivalent(vgg_one_step, images, monkeypatch):
+    from edgesnn import crossbar_readout
+
+    x = images[0][:48]
+    config = CrossbarConfig(variation=0.1, faults=0.01, read_noise=0.05, adc_bits=6, ir_drop=0.05, trials=3, seed=4)
+    compiled = crossbar_logits(vgg_one_step, x, config)
+    monkeypatch.setattr(crossbar_readout, "_library", None)
+    monkeypatch.setattr(crossbar_readout, "_compile_failed", True)
+    reference = crossbar_logits(vgg_one_step, x, config)
+    assert float((compiled.argmax(-1) == reference.argmax(-1)).float().mean()) > 0.95
+
+
 def test_mapping_counts_tiles(vgg_one_step):
     summary = mapping_summary(vgg_one_step, 64)
     rows = {row["name"]: row for row in summary["layers"]}
