@@ -573,14 +573,14 @@ def build_command(
     edgesnn build --private --binary makes a one-timestep SNN with mostly 1-bit weights.
     The build itself never reads a dataset; --eval-data is only used to report accuracy afterwards.
     """
+    from . import distributed
     from .binarize import BinarizeConfig
     from .errors import PipelineError
     from .evaluate import parse_timesteps
     from .pipeline import BUDGETS, BuildConfig, EvalConfig, build
     from .privatize import CODINGS, PrivatizeConfig, RekeyConfig, TrainConfig, check_device
 
-    if private:
-        check_device(device)
+    check_device(device)
     if budget not in BUDGETS:
         raise PipelineError(f"--budget {budget!r} is unknown; valid: {', '.join(BUDGETS)}")
     if coding not in CODINGS:
@@ -593,41 +593,51 @@ def build_command(
     if binary_steps is not None:
         preset = dataclasses.replace(preset, binarize_step_steps=binary_steps, binarize_final_steps=4 * binary_steps)
     steps = parse_timesteps(eval_timesteps)
-    final_timesteps = timesteps if timesteps is not None else (1 if private else 32)
-    privatize_config = None
-    convert_timesteps = final_timesteps
-    if private:
-        privatize_config = PrivatizeConfig(
-            timesteps=final_timesteps, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed)
+    device = distributed.start(device)  # under torchrun: join the process group (cuda: this rank's GPU)
+    try:
+        final_timesteps = timesteps if timesteps is not None else (1 if private else 32)
+        privatize_config = None
+        convert_timesteps = final_timesteps
+        if private:
+            privatize_config = PrivatizeConfig(
+                timesteps=final_timesteps, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed)
+            )
+            # Bias correction targets the first training phase's T.
+            convert_timesteps = max([final_timesteps, *privatize_config.schedule])
+        binarize_config = None
+        if binary:
+            binarize_config = BinarizeConfig(
+                max_loss=max_loss, binary_fraction=binary_fraction, step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, device=device, seed=seed)
+            )
+        config = BuildConfig(
+            model=model,
+            load=_load_config(arch, input_shape, trust_pickle),
+            synth=_synth_config(count if count is not None else preset.synth_count, method, iterations, synth_batch, seed),
+            convert=_convert_config(convert_timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
+            privatize=privatize_config,
+            binarize=binarize_config,
+            rekey=RekeyConfig(seed=rekey_seed) if rekey else None,
+            evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
+            targets=None if targets.strip() == "none" else targets,
+            seed=seed,
+            audit=_audit_config() if audit else None,
+            seal=_seal_config(sign_key, encrypt_key, encrypt_passphrase),
+            device=device,
         )
-        # Bias correction targets the first training phase's T.
-        convert_timesteps = max([final_timesteps, *privatize_config.schedule])
-    binarize_config = None
-    if binary:
-        binarize_config = BinarizeConfig(
-            max_loss=max_loss, binary_fraction=binary_fraction, step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, device=device, seed=seed)
-        )
-    config = BuildConfig(
-        model=model,
-        load=_load_config(arch, input_shape, trust_pickle),
-        synth=_synth_config(count if count is not None else preset.synth_count, method, iterations, synth_batch, seed),
-        convert=_convert_config(convert_timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
-        privatize=privatize_config,
-        binarize=binarize_config,
-        rekey=RekeyConfig(seed=rekey_seed) if rekey else None,
-        evaluation=EvalConfig(data=eval_data, normalize=_parse_normalize(eval_normalize), limit=eval_limit, timesteps=tuple(steps)),
-        targets=None if targets.strip() == "none" else targets,
-        seed=seed,
-        audit=_audit_config() if audit else None,
-        seal=_seal_config(sign_key, encrypt_key, encrypt_passphrase),
-    )
-    with _Bars() as bars:
-        result = build(config, out, force, bars, _log)
-    document = build_document(result, model, budget)
-    if json_output:
-        _print_json(document)
-        return
-    _render_build(result, document)
+        if not distributed.is_main():
+            build(config, out, force)  # another torchrun rank: synthesis and retraining with rank 0, no output
+            return
+        with _Bars() as bars:
+            result = build(config, out, force, bars, _log)
+        document = build_document(result, model, budget)
+        if distributed.active():
+            document["processes"] = distributed.world_size()
+        if json_output:
+            _print_json(document)
+            return
+        _render_build(result, document)
+    finally:
+        distributed.stop()
 
 
 def build_document(result, model: str, budget: str) -> dict[str, Any]:

@@ -26,7 +26,9 @@ import hashlib
 import io
 import json
 import resource
+import shutil
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -37,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, bundle
+from . import __version__, bundle, distributed
 from .artifacts import EvalReport, LoadedModel, Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .binarize import BinarizeConfig, binarize, model_bytes
 from .capture import CaptureConfig, capture
@@ -116,6 +118,7 @@ class BuildConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     targets: str | None = "all"  # export targets, comma-separated, or "all" (those the final model allows); None: no export
     seed: int = 0  # seeds every stage
+    device: str = "cpu"  # where synthesis runs (retraining: TrainConfig.device); under torchrun with cuda, this rank's GPU
     profile: bool = True  # write profile.json, report.md and crossbar plots (quick settings, synthetic images)
     audit: Any = None  # edgesnn.audit.AuditConfig: privacy audit of the final model (audit.json, audit.md, inverted-image grids); None: none
     seal: bundle.SealConfig = field(default_factory=bundle.SealConfig)  # signing and encryption of the finished bundle
@@ -330,19 +333,48 @@ class _Run:
                 return False
         return True
 
-    def stage(self, name: str, config: dict, inputs: dict[str, str], compute: Callable[[], tuple[Any, dict[str, bytes], dict]], restore: Callable[[], Any]) -> tuple[Any, dict[str, str]]:
-        """Run or resume one stage; returns its artifact and its outputs' sha256 by file name."""
+    def stage(
+        self,
+        name: str,
+        config: dict,
+        inputs: dict[str, str],
+        compute: Callable[[], tuple[Any, dict[str, bytes], dict]],
+        restore: Callable[[], Any],
+        followers: str | None = None,
+    ) -> tuple[Any, dict[str, str]]:
+        """Run or resume one stage; returns its artifact and its outputs' sha256 by file name.
+
+        ``followers`` (torchrun builds): None, the other ranks skip this stage; "receive", they take
+        its files from this rank; "compute", they also take part in computing it (collectives).
+        """
         config = _jsonable(config)
-        if self._intact(name, config, inputs):
-            entry = self.manifest["stages"][name]
-            try:
-                artifact = restore()
-            except EdgeSNNError as error:
-                self.log(f"{name}: could not resume ({error}); recomputing")
-            else:
-                self.log(f"{name}: resumed from {', '.join(entry['outputs'])}")
-                self.stages[name] = {"seconds": entry["seconds"], "peak_rss_mb": entry["peak_rss_mb"], "resumed": True, "metrics": entry.get("metrics", {})}
-                return artifact, entry["outputs"]
+        result = self._resume(name, config, inputs, restore)
+        if followers is not None and distributed.active():
+            distributed.broadcast_flag(result is None)  # whether the followers must compute with us
+        if result is None:
+            result = self._compute(name, config, inputs, compute)
+        if followers is not None and distributed.active():
+            artifact, outputs = result
+            distributed.broadcast_bytes(json.dumps(outputs).encode())
+            for filename in sorted(outputs):
+                distributed.broadcast_bytes((self.out / filename).read_bytes())
+        return result
+
+    def _resume(self, name: str, config: dict, inputs: dict[str, str], restore: Callable[[], Any]) -> tuple[Any, dict[str, str]] | None:
+        """The stage's artifact and outputs from a finished earlier run with the same config and inputs, or None."""
+        if not self._intact(name, config, inputs):
+            return None
+        entry = self.manifest["stages"][name]
+        try:
+            artifact = restore()
+        except EdgeSNNError as error:
+            self.log(f"{name}: could not resume ({error}); recomputing")
+            return None
+        self.log(f"{name}: resumed from {', '.join(entry['outputs'])}")
+        self.stages[name] = {"seconds": entry["seconds"], "peak_rss_mb": entry["peak_rss_mb"], "resumed": True, "metrics": entry.get("metrics", {})}
+        return artifact, entry["outputs"]
+
+    def _compute(self, name: str, config: dict, inputs: dict[str, str], compute: Callable[[], tuple[Any, dict[str, bytes], dict]]) -> tuple[Any, dict[str, str]]:
         started = time.perf_counter()
         artifact, files, metrics = compute()
         outputs = {filename: write_atomic(self.out / filename, data) for filename, data in files.items()}
@@ -362,6 +394,29 @@ class _Run:
 
     def save_manifest(self) -> None:
         write_atomic(self.manifest_path, (json.dumps(self.manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+class _Follower:
+    """A rank other than 0 of a torchrun build (``edgesnn.distributed``).
+
+    It takes part in the stages rank 0 marks "compute" (synthesis and retraining run
+    collectives), and takes every stage's files from rank 0 into a scratch folder, read
+    back with the same readers as a resumed build. It writes no bundle.
+    """
+
+    def __init__(self, scratch: Path):
+        self.out = scratch
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def stage(self, name: str, config: dict, inputs: dict[str, str], compute: Callable[[], Any], restore: Callable[[], Any], followers: str | None = None) -> tuple[Any, dict[str, str]]:
+        if followers is None:
+            raise PipelineError(f"stage {name} runs on rank 0 alone")
+        if distributed.broadcast_flag(None) and followers == "compute":
+            compute()
+        outputs = json.loads(distributed.broadcast_bytes(None))
+        for filename in sorted(outputs):
+            (self.out / filename).write_bytes(distributed.broadcast_bytes(None))
+        return restore(), outputs
 
 
 def _model_digest(spec: str, config: LoadConfig) -> str:
@@ -400,8 +455,11 @@ def _synth_config(config: BuildConfig):
     return dataclasses.replace(base, seed=config.seed)
 
 
-def build(config: BuildConfig, out: Path, force: bool = False, progress: Progress = no_progress, log: Log = lambda message: None) -> BuildResult:
-    """load → capture → synth → convert (→ eval on real data), resuming where possible.
+def build(config: BuildConfig, out: Path, force: bool = False, progress: Progress = no_progress, log: Log = lambda message: None) -> BuildResult | None:
+    """load → capture → synth → convert (→ privatize → binarize) → export, profile, audit (→ eval on real data), resuming where possible.
+
+    Under torchrun (``edgesnn.distributed``) every rank calls this; rank 0 builds the bundle and
+    returns its result, the other ranks help with synthesis and retraining and return None.
 
     The stages run in a staging folder beside ``out`` (``bundle.begin``); the
     finished folder is sealed (hashes, versions, signature, encryption) and
@@ -409,9 +467,34 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     """
     destination = Path(out)
     keys = bundle.load_keys(config.seal)  # a bad key fails now, not after the build
+    if not distributed.is_main():
+        scratch = Path(tempfile.mkdtemp(prefix=f"edgesnn-rank{distributed.rank()}-"))
+        try:
+            _run_stages(config, _Follower(scratch), scratch, force, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return None
     out = bundle.begin(destination, force)
     run = _Run(out, force, log)
+    trained = _run_stages(config, run, out, force, progress)
+    return _finish(config, run, out, destination, keys, trained, progress)
 
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the stages up to the final model produced (``_run_stages``)."""
+
+    teacher: Teacher
+    synthetic: SyntheticSet
+    converted: SpikingModel  # the converted SNN
+    final: SpikingModel  # the final model: binary, else private, else converted
+    final_file: str
+    private: SpikingModel | None  # the retrained model before binarization, when --binary produced the final one
+    digests: dict[str, str]  # sha256 of teacher.pt, synthetic.npz, snn.pt and the final model's file, by file name
+
+
+def _run_stages(config: BuildConfig, run, out: Path, force: bool, progress: Progress) -> _Trained:
+    """load → synth → convert (→ privatize → binarize): the stages every torchrun rank runs."""
     load_inputs = {"model": _model_digest(config.model, config.load)}
     teacher, teacher_outputs = run.stage(
         "load",
@@ -419,15 +502,17 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
         load_inputs,
         lambda: _compute_teacher(config),
         lambda: read_teacher(out / TEACHER_FILE),
+        followers="receive",
     )
 
     synth_config = _synth_config(config)
     synthetic, synthetic_outputs = run.stage(
         "synth",
-        {"synth": synth_config},
+        {"synth": synth_config, **({"processes": distributed.world_size()} if distributed.active() else {})},  # each rank draws its own share
         {TEACHER_FILE: teacher_outputs[TEACHER_FILE]},
-        lambda: _compute_synthetic(teacher, synth_config, progress),
+        lambda: _compute_synthetic(teacher, synth_config, progress, config.device),
         lambda: read_synthetic(out / SYNTHETIC_FILE),
+        followers="compute",
     )
 
     convert_config = dataclasses.replace(config.convert, seed=config.seed)
@@ -437,6 +522,7 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
         {TEACHER_FILE: teacher_outputs[TEACHER_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
         lambda: _compute_snn(teacher, synthetic, convert_config, progress),
         lambda: read_spiking(out / SNN_FILE),
+        followers="receive",
     )
 
     converted, final, final_file, private_model = model, model, SNN_FILE, None
@@ -451,6 +537,7 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
             {SNN_FILE: model_outputs[SNN_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
             lambda: _compute_stage(PRIVATE_FILE, _rekeyed(privatize(model, teacher, synthetic, private_config, progress), private_rekey), "privatize"),
             lambda: read_spiking(out / PRIVATE_FILE),
+            followers="compute",
         )
         final_file, final_digest = PRIVATE_FILE, private_outputs[PRIVATE_FILE]
         if config.binarize is not None:
@@ -462,17 +549,25 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
                 {PRIVATE_FILE: private_outputs[PRIVATE_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE]},
                 lambda: _compute_stage(BINARY_FILE, _rekeyed(binarize(private, teacher, synthetic, binary_config, progress), config.rekey), "binarize"),
                 lambda: read_spiking(out / BINARY_FILE),
+                followers="compute",
             )
             final_file, final_digest = BINARY_FILE, binary_outputs[BINARY_FILE]
     else:
         final_digest = model_outputs[SNN_FILE]
+    digests = {TEACHER_FILE: teacher_outputs[TEACHER_FILE], SYNTHETIC_FILE: synthetic_outputs[SYNTHETIC_FILE], SNN_FILE: model_outputs[SNN_FILE], final_file: final_digest}
+    return _Trained(teacher, synthetic, converted, final, final_file, private_model, digests)
 
+
+def _finish(config: BuildConfig, run: _Run, out: Path, destination: Path, keys, trained: _Trained, progress: Progress) -> BuildResult:
+    """Rank 0's stages after training: export, profile, audit, evaluation; then seal and publish the bundle."""
+    teacher, synthetic, converted, final, final_file = trained.teacher, trained.synthetic, trained.converted, trained.final, trained.final_file
+    final_digest = trained.digests[final_file]
     if config.targets is not None:
         _export_stage(run, final, final_file, final_digest, synthetic, config.targets)
     if config.profile:
-        _profile_stage(run, teacher, final, final_file, final_digest, synthetic, synthetic_outputs[SYNTHETIC_FILE], progress)
+        _profile_stage(run, teacher, final, final_file, final_digest, synthetic, trained.digests[SYNTHETIC_FILE], progress)
     if config.audit is not None:
-        _audit_stage(run, teacher, final, final_file, final_digest, converted if final is not converted else None, model_outputs[SNN_FILE], teacher_outputs[TEACHER_FILE], dataclasses.replace(config.audit, seed=config.seed), progress)
+        _audit_stage(run, teacher, final, final_file, final_digest, converted if final is not converted else None, trained.digests[SNN_FILE], trained.digests[TEACHER_FILE], dataclasses.replace(config.audit, seed=config.seed), progress)
 
     report = None
     if config.evaluation.data is not None:
@@ -485,7 +580,7 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     bundle.seal(out, keys)
     bundle.publish(out, destination)
     out = destination
-    return BuildResult(out, teacher, synthetic, final, report, converted if final is not converted else None, private_model, run.stages, final_file)
+    return BuildResult(out, teacher, synthetic, final, report, converted if final is not converted else None, trained.private, run.stages, final_file)
 
 
 GOLDEN_COUNT = 16  # synthetic images whose integer logits ship with the C firmware
@@ -634,9 +729,14 @@ def _compute_teacher(config: BuildConfig):
     return teacher, {TEACHER_FILE: teacher_bytes(teacher)}, metrics
 
 
-def _compute_synthetic(teacher: Teacher, synth_config, progress: Progress):
+def _compute_synthetic(teacher: Teacher, synth_config, progress: Progress, device: str = "cpu"):
     synth = _synth()
-    synthetic = synth.synthesize(teacher, synth_config, progress)
+    network = teacher.network
+    try:
+        network.to(device)  # synthesis runs where the teacher's parameters are
+        synthetic = synth.synthesize(teacher, synth_config, progress)
+    finally:
+        network.to("cpu")
     files = {SYNTHETIC_FILE: synthetic_bytes(synthetic), PREVIEW_FILE: synth.preview_png(synthetic, teacher.normalize)}
     return synthetic, files, dict(synthetic.metrics, method=synthetic.method, images=len(synthetic.labels))
 

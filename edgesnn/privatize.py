@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import PrivatizeError
 from .graph import Graph, GraphNetwork, module_key
@@ -374,12 +375,15 @@ def train_spiking(
     sees; with ``latent`` the returned weights are the latent float ones (to
     continue training), else the quantized ones.
     """
+    if config.batch_size < distributed.world_size():
+        raise PrivatizeError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} torchrun processes sharing each batch")
     network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor)
     if steps <= 0:
         return network.spiking_model(timesteps, latent), {"steps": 0}
     device = torch.device(config.device)
     network.to(device)
     teacher_network = teacher_network.to(device)
+    trained = distributed.wrap(network, device)  # under torchrun: DDP, each rank on its share of every batch
     generator = torch.Generator().manual_seed(config.seed + 104729 * timesteps)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
@@ -403,10 +407,12 @@ def train_spiking(
         elif draw < config.cutmix + config.mixup:
             batch, second, kept = _mixup(batch, targets, generator)
         inputs = _rate_code(batch, timesteps, model.normalize, generator) if config.coding == "rate" and timesteps > 1 else batch
+        if distributed.active():
+            batch, inputs, targets, second = _rank_share(batch, inputs, targets, second, timesteps)
         batch, inputs, targets, second = batch.to(device), inputs.to(device), targets.to(device), second.to(device)
         with torch.no_grad():
             soft = F.softmax(teacher_network(batch) / temperature, dim=1)
-        logits = network(inputs, timesteps, len(batch))
+        logits = trained(inputs, timesteps, len(batch))
         distill = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature**2
         cross_entropy = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, second)
         loss = distill + config.ce_weight * cross_entropy
@@ -424,6 +430,16 @@ def train_spiking(
     network.to("cpu")
     teacher_network.to("cpu")
     return network.spiking_model(timesteps, latent), {"steps": steps, "loss_first": round(losses[0], 4), "loss_last": round(sum(tail) / len(tail), 4)}
+
+
+def _rank_share(batch: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, second: torch.Tensor, timesteps: int):
+    """This rank's contiguous share of one global batch (``inputs``: B rows, or T·B for rate coding)."""
+    rows = distributed.share(len(batch))
+    if inputs.shape[0] != len(batch):
+        inputs = inputs.reshape(timesteps, len(batch), *inputs.shape[1:])[:, rows].reshape(-1, *inputs.shape[1:])
+    else:
+        inputs = inputs[rows]
+    return batch[rows], inputs, targets[rows], second[rows]
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 import torch
 
+from edgesnn import distributed
 from edgesnn.artifacts import Progress, SyntheticSet, Teacher, no_progress
 from edgesnn.errors import SynthError
 
@@ -26,6 +27,7 @@ from .quality import batchnorm_layers, last_linear, measure
 __all__ = ["METHODS", "SynthConfig", "encode_png", "invert", "preview_png", "synthesize"]
 
 METHODS = ("auto", "deepinversion", "data_impression")
+RANK_SEED_STRIDE = 1_000_003  # under torchrun, rank r draws its noise, jitter and flips from seed + r·stride
 
 
 @dataclass(frozen=True)
@@ -128,29 +130,36 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
             )
 
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
-    generator = torch.Generator().manual_seed(config.seed)
+    if config.count < distributed.world_size():
+        raise SynthError(f"config count={config.count}: fewer images than the {distributed.world_size()} torchrun processes sharing them")
+    # Under torchrun each rank makes its share of the (interleaved, so still class-balanced)
+    # label list from its own seed; the shares are gathered in rank order.
+    generator = torch.Generator().manual_seed(config.seed + RANK_SEED_STRIDE * distributed.rank())
     labels = class_balanced_labels(config.count, num_classes).to(device)
-    progress("synth", 0, config.count)
+    mine = labels[distributed.share(config.count)]
+    progress("synth", 0, len(mine))
     with frozen(network):
         if method == "deepinversion":
-            result = deepinversion.synthesize_images(network, labels, input_shape, teacher.normalize, config, generator, progress)
+            result = deepinversion.synthesize_images(network, mine, input_shape, teacher.normalize, config, generator, progress)
         else:
-            result = data_impression.synthesize_images(network, classifier, labels, input_shape, teacher.normalize, config, generator, progress)
-        quality = measure(network, result.images, labels)
+            result = data_impression.synthesize_images(network, classifier, mine, input_shape, teacher.normalize, config, generator, progress)
+        images = distributed.gather_shares(result.images.detach().float().cpu(), config.count).to(device)
+        iterations = distributed.gather_shares(result.iterations.cpu(), config.count)
+        quality = measure(network, images, labels)
     seconds = time.perf_counter() - started
     metrics = {
         "target_agreement": quality.target_agreement,
         "diversity": quality.diversity,
         "images_per_second": config.count / seconds,
         "seconds": seconds,
-        "iterations_mean": float(result.iterations.float().mean()),
+        "iterations_mean": float(iterations.float().mean()),
     }
     if quality.bn_error is not None:
         metrics["bn_error"] = quality.bn_error
     return SyntheticSet(
-        images=result.images.detach().float().cpu(),
+        images=images.cpu(),
         labels=labels.cpu(),
-        teacher_logits=quality.logits,
+        teacher_logits=quality.logits.cpu(),
         method=method,
         metrics=metrics,
         config=dataclasses.asdict(config),

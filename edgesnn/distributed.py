@@ -1,0 +1,139 @@
+"""Scale-out: one build spread over the processes ``torchrun`` starts.
+
+    torchrun --nproc_per_node N -m edgesnn build MODEL --private --binary
+
+Every process runs the same build and joins one process group (``env://``:
+torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). The work is split
+where it is heavy:
+
+- synthesis: rank r optimises the r-th contiguous share of the class-balanced
+  label list (every share stays class-balanced: the list is interleaved
+  0, 1, …, K−1, 0, 1, …) from its own seed, and the shares are gathered in rank
+  order, so every rank holds the whole set;
+- retraining (privatize, binarize): every rank draws the same global batch from
+  the same seeded generator and trains on its contiguous share of the rows
+  under ``DistributedDataParallel``, which averages the gradients: with equal
+  shares that is the gradient of the global batch, as in one process.
+
+Rank 0 alone reads and writes the bundle: it decides which stages resume and
+sends every stage's artifact to the other ranks as bytes, which they parse with
+the same readers as a resumed build (no pickle). The gloo backend carries CPU
+tensors (and lets the tests run two CPU processes); with ``--device cuda`` each
+rank trains on GPU LOCAL_RANK and the gradients go over NCCL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import PipelineError
+
+TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others at one collective
+
+
+def launched() -> bool:
+    """True in a process that torchrun started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """True once this process belongs to a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a plain single-process run)."""
+    return rank() == 0
+
+
+def start(device: str) -> str:
+    """Join the process group torchrun set up, if it did; returns the device this rank trains on.
+
+    ``device`` "cuda" becomes "cuda:LOCAL_RANK" (one GPU per rank); CPU tensors always go over gloo.
+    """
+    if not launched() or active():
+        return device
+    if not dist.is_available():
+        raise PipelineError("torchrun: this torch build has no torch.distributed")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise PipelineError(f"torchrun: rank with LOCAL_RANK {local} has no GPU ({torch.cuda.device_count()} visible); use --nproc_per_node ≤ the GPU count")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    try:
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as error:
+        raise PipelineError(f"torchrun: could not join the process group ({str(error).splitlines()[0]})") from None
+    return device
+
+
+def stop() -> None:
+    """Leave the process group (after the last collective of this rank)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(count: int) -> slice:
+    """This rank's contiguous share of ``count`` items: [r·count/W, (r+1)·count/W)."""
+    size, index = world_size(), rank()
+    return slice(index * count // size, (index + 1) * count // size)
+
+
+def gather_shares(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """Every rank's share (``share(count)`` rows, this rank's is ``tensor``) concatenated in rank order, on every rank."""
+    if not active():
+        return tensor
+    size = world_size()
+    sizes = [(index + 1) * count // size - index * count // size for index in range(size)]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype)
+    padded[: len(tensor)] = tensor.cpu()
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+
+
+def broadcast_bytes(data: bytes | None) -> bytes:
+    """Rank 0's ``data`` on every rank (the others pass None)."""
+    length = torch.tensor([len(data) if is_main() and data is not None else 0], dtype=torch.int64)
+    dist.broadcast(length, 0)
+    if int(length) == 0:
+        return b""
+    if is_main():
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        buffer = torch.empty(int(length), dtype=torch.uint8)
+    dist.broadcast(buffer, 0)
+    return buffer.numpy().tobytes()
+
+
+def broadcast_flag(flag: bool | None) -> bool:
+    """Rank 0's ``flag`` on every rank (the others pass None)."""
+    value = torch.tensor([int(bool(flag)) if is_main() else 0], dtype=torch.int64)
+    dist.broadcast(value, 0)
+    return bool(value)
+
+
+def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` under DistributedDataParallel when several ranks train it (it averages the gradients)."""
+    if not active():
+        return network
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+__all__ = ["active", "broadcast_bytes", "broadcast_flag", "gather_shares", "is_main", "launched", "rank", "share", "start", "stop", "world_size", "wrap"]
