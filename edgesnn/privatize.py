@@ -101,17 +101,21 @@ class _SpikeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # ∂s/∂v = max(0, w − |v/θ − 1|)/(w²·θ), ∂s/∂θ = −∂s/∂v · v/θ. The big tensors are
+        # updated in place (each pass over them costs as much as the arithmetic); 1/θ is
+        # constant over the summed (batch, space) dimensions, so it multiplies after the sum.
         membrane, theta = ctx.saved_tensors
-        u = membrane / theta - 1
-        surrogate = (1 - u.abs() / ctx.width).clamp_min(0) / ctx.width * grad
-        grad_membrane = surrogate / theta
-        grad_theta = -(surrogate * membrane / theta.square())
+        width = ctx.width
+        inverse = theta.reciprocal()
+        surrogate = (membrane * inverse).sub_(1).abs_().neg_().add_(width).clamp_min_(0).mul_(grad)
+        grad_membrane = surrogate.mul_(inverse / (width * width))
+        product = grad_membrane * membrane
         # θ broadcasts over batch and space: sum its gradient back to θ's shape.
-        while grad_theta.dim() > theta.dim():
-            grad_theta = grad_theta.sum(0)
-        for dim, size in enumerate(theta.shape):
-            if size == 1 and grad_theta.shape[dim] != 1:
-                grad_theta = grad_theta.sum(dim, keepdim=True)
+        leading = product.dim() - theta.dim()
+        summed = [dim for dim in range(product.dim()) if dim < leading or (theta.shape[dim - leading] == 1 and product.shape[dim] != 1)]
+        if summed:
+            product = product.sum(summed, keepdim=True)
+        grad_theta = -product.reshape(product.shape[leading:]) * inverse
         return grad_membrane, grad_theta, None
 
 
@@ -144,12 +148,16 @@ class TrainableIF(nn.Module):
             current = current.reshape(steps, -1, *current.shape[1:])
         theta = self.theta(current[0] if not constant else current)
         membrane = theta * self.initial_membrane
+        amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
         outputs = []
         for step in range(steps):
             membrane = membrane + (current if constant else current[step])
             spikes = _SpikeFunction.apply(membrane, theta, self.width)
-            membrane = membrane - theta * spikes
-            outputs.append(spikes * (theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)))
+            if step < steps - 1:  # the last reset would feed nothing
+                membrane = membrane - theta * spikes
+            outputs.append(spikes * amplitude)
+        if steps == 1:
+            return outputs[0]
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
 
 
