@@ -731,12 +731,7 @@ def _compute_teacher(config: BuildConfig):
 
 def _compute_synthetic(teacher: Teacher, synth_config, progress: Progress, device: str = "cpu"):
     synth = _synth()
-    network = teacher.network
-    try:
-        network.to(device)  # synthesis runs where the teacher's parameters are
-        synthetic = synth.synthesize(teacher, synth_config, progress)
-    finally:
-        network.to("cpu")
+    synthetic = synth.synthesize(teacher, synth_config, progress, device)
     files = {SYNTHETIC_FILE: synthetic_bytes(synthetic), PREVIEW_FILE: synth.preview_png(synthetic, teacher.normalize)}
     return synthetic, files, dict(synthetic.metrics, method=synthetic.method, images=len(synthetic.labels))
 

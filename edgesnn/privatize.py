@@ -235,7 +235,7 @@ class TrainingNetwork(nn.Module):
             with torch.no_grad():
                 quantized = self.formats[node.name] != "float"
                 weight = layer.parametrizations.weight.original if latent and quantized else layer.weight
-                node.params["weight"] = weight.detach().clone()
+                node.params["weight"] = weight.detach().clone(memory_format=torch.contiguous_format)  # trained channels-last
                 if layer.bias is not None:
                     node.params["bias"] = layer.bias.detach().clone()
             node.attrs["weight_format"] = self.formats[node.name]
@@ -390,6 +390,8 @@ def train_spiking(
         return network.spiking_model(timesteps, latent), {"steps": 0}
     device = torch.device(config.device)
     network.to(device)
+    images_layout = torch.channels_last if images.dim() == 4 else torch.contiguous_format
+    network.to(memory_format=images_layout)  # convolutions forward and backward ~20% faster channels-last on CPU
     teacher_network = teacher_network.to(device)
     trained = distributed.wrap(network, device)  # under torchrun: DDP, each rank on its share of every batch
     generator = torch.Generator().manual_seed(config.seed + 104729 * timesteps)
@@ -417,6 +419,7 @@ def train_spiking(
         inputs = _rate_code(batch, timesteps, model.normalize, generator) if config.coding == "rate" and timesteps > 1 else batch
         if distributed.active():
             batch, inputs, targets, second = _rank_share(batch, inputs, targets, second, timesteps)
+        inputs = inputs.contiguous(memory_format=images_layout)
         batch, inputs, targets, second = batch.to(device), inputs.to(device), targets.to(device), second.to(device)
         with torch.no_grad():
             soft = F.softmax(teacher_network(batch) / temperature, dim=1)

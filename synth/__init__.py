@@ -94,12 +94,13 @@ def _check_config(config: SynthConfig) -> None:
         raise SynthError(f"config dirichlet_betas={config.dirichlet_betas!r}: expected one or more finite numbers > 0")
 
 
-def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: Progress = no_progress) -> SyntheticSet:
+def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: Progress = no_progress, device: str | torch.device = "cpu") -> SyntheticSet:
     """Synthesise ``config.count`` class-balanced images from the teacher alone.
 
     Uses ``teacher.network`` (eval-mode module; BatchNorm layers with running
     statistics), ``teacher.input_shape``, ``teacher.num_classes`` and
-    ``teacher.normalize`` (images are clipped to valid pixels when it is known).
+    ``teacher.normalize`` (images are clipped to valid pixels when it is known);
+    the optimisation runs on ``device`` (the images come back on the CPU).
     Metrics: target_agreement, bn_error (teachers with BatchNorm only),
     diversity (penultimate-feature cosine distance within a class),
     images_per_second, seconds, iterations_mean. Progress is reported as
@@ -107,7 +108,7 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
     """
     _check_config(config)
     started = time.perf_counter()
-    network = teacher.network
+    network = teacher.network.to(device)  # a fresh module: moving it leaves the teacher as it was
     input_shape = tuple(int(v) for v in teacher.input_shape)
     num_classes = int(teacher.num_classes)
     if len(input_shape) != 3 or min(input_shape) <= 0:
