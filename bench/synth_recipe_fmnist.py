@@ -114,7 +114,7 @@ def run_model(name: str, count: int, limit: int, seed: int, smoke: bool, log) ->
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     teacher_accuracy = float((teacher_logits(teacher, images).argmax(1) == labels).float().mean())
     log(f"{name}: teacher {100 * teacher_accuracy:.2f} on {len(labels)} test images")
-    row = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "count": count, "teacher_accuracy": teacher_accuracy, "recipes": {}}
+    row = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "count": count, "torch_threads": torch.get_num_threads(), "teacher_accuracy": teacher_accuracy, "recipes": {}}
     for recipe, synth_config in recipes(count, seed, smoke).items():
         log(f"{name} / {recipe}: synthesising {count} images")
         load_before = os.getloadavg()[0]
@@ -176,7 +176,7 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for recipe, r in row["recipes"].items():
+        for recipe, r in row.get("recipes", {}).items():
             lines.append(
                 f"| {row['model']} | {100 * row['teacher_accuracy']:.2f} | {recipe} | {row['count']} | {r['seconds']:.0f} | {r['seconds_per_image']:.3f} | {r['iterations_mean']:.0f} | {100 * r['target_agreement']:.2f} | "
                 f"{r['bn_error']:.4f} | {r['diversity']:.3f} | {100 * r['converted_t1_accuracy']:.2f} | {100 * r['converted_t4_accuracy']:.2f} | {100 * r['converted_t32_accuracy']:.2f} | "
@@ -186,7 +186,7 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         again = row.get("retime")
         retimed = f"{again['edgesnn_seconds_per_image']:.4f} | {again['published_seconds_per_image']:.4f} | {again['seconds_per_image_ratio']}×" if again else " | | "
-        lines.append(f"| {row['model']} | {row['seconds_per_image_ratio']}× | {retimed} |")
+        lines.append(f"| {row['model']} | {str(row['seconds_per_image_ratio']) + '×' if 'seconds_per_image_ratio' in row else 'not run'} | {retimed} |")
     return "\n".join(lines)
 
 
@@ -219,10 +219,13 @@ def main() -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.retime:
         document = json.loads(args.out.read_text())
-        for row in document["results"]:
-            if row["model"] in models:
-                row["retime"] = retime(row["model"], row["count"], args.probe, args.passes, args.seed, log)
-                args.out.write_text(json.dumps(document, indent=2) + "\n")
+        for name in models:
+            row = next((r for r in document["results"] if r["model"] == name), None)
+            if row is None:  # timing only: no image sets, no downstream figures
+                row = {"model": name, "count": args.count, "torch_threads": torch.get_num_threads()}
+                document["results"].append(row)
+            row["retime"] = retime(name, row["count"], args.probe, args.passes, args.seed, log)
+            args.out.write_text(json.dumps(document, indent=2) + "\n")
         print(markdown(document["results"]))
         return
     rows = []
