@@ -593,8 +593,7 @@ def build_command(
     if binary_steps is not None:
         preset = dataclasses.replace(preset, binarize_step_steps=binary_steps, binarize_final_steps=4 * binary_steps)
     steps = parse_timesteps(eval_timesteps)
-    device = distributed.start(device)  # under torchrun: join the process group (cuda: this rank's GPU)
-    try:
+    with distributed.joined(device) as device:  # under torchrun: the process group (cuda: this rank's GPU)
         final_timesteps = timesteps if timesteps is not None else (1 if private else 32)
         privatize_config = None
         convert_timesteps = final_timesteps
@@ -636,8 +635,6 @@ def build_command(
             _print_json(document)
             return
         _render_build(result, document)
-    finally:
-        distributed.stop()
 
 
 def build_document(result, model: str, budget: str) -> dict[str, Any]:

@@ -24,8 +24,11 @@ rank trains on GPU LOCAL_RANK and the gradients go over NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import socket
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,6 +77,7 @@ def start(device: str) -> str:
             raise PipelineError(f"torchrun: rank with LOCAL_RANK {local} has no GPU ({torch.cuda.device_count()} visible); use --nproc_per_node ≤ the GPU count")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    _loopback_when_alone()
     try:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError) as error:
@@ -81,10 +85,48 @@ def start(device: str) -> str:
     return device
 
 
-def stop() -> None:
-    """Leave the process group (after the last collective of this rank)."""
+def _loopback_when_alone() -> None:
+    """Gloo over the loopback interface when every rank runs on this machine.
+
+    Gloo otherwise binds to the address this machine's hostname resolves to, which
+    in containers and sandboxes may be missing or on an interface the ranks cannot
+    reach each other through. GLOO_SOCKET_IFNAME, when set, wins.
+    """
+    if "GLOO_SOCKET_IFNAME" in os.environ or os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        return
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return
+    loopback = next((name for name in ("lo", "lo0") if name in names), None)
+    if loopback is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+
+
+def stop(wait: bool = True) -> None:
+    """Leave the process group; with ``wait``, once every rank has reached this point.
+
+    The barrier keeps a rank that finished early (a follower, while rank 0 still
+    writes the bundle) connected until rank 0 is done, so no rank tears down its
+    connections under another one's feet. A rank leaving on an error does not wait
+    (the others may never get there; torchrun stops them).
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: str) -> Iterator[str]:
+    """``start(device)`` for the body, ``stop()`` after it (without waiting when it raised)."""
+    device = start(device)
+    try:
+        yield device
+    except BaseException:
+        stop(wait=False)
+        raise
+    stop()
 
 
 def share(count: int) -> slice:
@@ -136,4 +178,4 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-__all__ = ["active", "broadcast_bytes", "broadcast_flag", "gather_shares", "is_main", "launched", "rank", "share", "start", "stop", "world_size", "wrap"]
+__all__ = ["active", "broadcast_bytes", "broadcast_flag", "gather_shares", "is_main", "joined", "launched", "rank", "share", "start", "stop", "world_size", "wrap"]
