@@ -89,26 +89,27 @@ def pixel_bounds(normalize: Normalize | None, channels: int) -> tuple[torch.Tens
 
 
 class _BatchMoments(torch.autograd.Function):
-    """Per-channel mean and mean square of x over every dimension but 1 (the batch statistics of a BN input).
+    """Per-channel mean and (biased) variance of x over every dimension but 1: the batch statistics of a BN input.
 
-    Autograd through ``x.mean()`` and ``x.square().mean()`` costs about five passes
-    over the activation; this backward does it in one fused pass:
-    ∂/∂x = g_mean / n + x · 2 g_square / n, per channel.
+    Forward: the single-pass kernel BatchNorm's training mode uses
+    (``batch_norm_update_stats``, 3–7× faster on channels-last activations than
+    ``mean`` plus ``vector_norm``). Backward, in one fused pass over the activation
+    instead of autograd's five: ∂/∂x = g_mean / n + 2 g_var (x − μ) / n, per channel.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = (0,) + tuple(range(2, x.dim()))
-        count = x.numel() // x.shape[1]
-        ctx.save_for_backward(x)
-        ctx.count = count
-        return x.mean(dims), torch.linalg.vector_norm(x, 2, dims).square() / count
+        mean, variance = torch.batch_norm_update_stats(x, None, None, 0.0)
+        ctx.save_for_backward(x, mean)
+        ctx.count = x.numel() // x.shape[1]
+        return mean, variance
 
     @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor, grad_square: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
+    def backward(ctx, grad_mean: torch.Tensor, grad_variance: torch.Tensor) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul((grad_mean / ctx.count).reshape(shape), x, (2 * grad_square / ctx.count).reshape(shape))
+        slope = 2 * grad_variance / ctx.count
+        return torch.addcmul((grad_mean / ctx.count - slope * mean).reshape(shape), x, slope.reshape(shape))
 
 
 class BatchNormMatching:
@@ -130,9 +131,9 @@ class BatchNormMatching:
     def _hook(self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self.first_layer is None:
             self.first_layer = module
-        mean, mean_square = _BatchMoments.apply(inputs[0])
+        mean, variance = _BatchMoments.apply(inputs[0])
         mean_error = torch.linalg.vector_norm(mean - module.running_mean)
-        var_error = torch.linalg.vector_norm(mean_square - mean.square() - module.running_var)
+        var_error = torch.linalg.vector_norm(variance - module.running_var)
         self.terms.append((mean_error + var_error) * (self.first_multiplier if module is self.first_layer else 1.0))
 
     def take_loss(self) -> torch.Tensor | float:
@@ -148,10 +149,13 @@ class BatchNormMatching:
 
 @contextmanager
 def frozen(network: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, no weight gradients and channels-last weights for the duration; all restored after.
+    """Eval mode, no weight gradients, channels-last weights and affine BatchNorm for the duration; all restored after.
 
     Channels-last convolutions run ~1.4× faster than NCHW here (2-core CPU,
-    zoo models, batch 128, forward + input gradient).
+    zoo models, batch 128, forward + input gradient). An eval-mode BatchNorm is
+    y = s·x + t per channel; computed as that (one fused pass forward, one
+    multiply backward) instead of through ``native_batch_norm`` it costs about
+    half, and its forward hooks still see the same input.
     """
     was_training = network.training
     parameters = list(network.parameters())
@@ -161,13 +165,35 @@ def frozen(network: nn.Module) -> Iterator[nn.Module]:
     for parameter in parameters:
         parameter.requires_grad_(False)
     network.to(memory_format=torch.channels_last)
+    affine = [layer for layer in network.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None and layer.running_var is not None]
+    for layer in affine:
+        layer.forward = _affine_batchnorm(layer)
     try:
         yield network
     finally:
+        for layer in affine:
+            del layer.forward
         for parameter, flag, data in zip(parameters, flags, layouts):
             parameter.data = data
             parameter.requires_grad_(flag)
         network.train(was_training)
+
+
+def _affine_batchnorm(layer: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The eval-mode forward of ``layer`` as s·x + t (running statistics and affine parameters as they are now)."""
+    with torch.no_grad():
+        scale = torch.rsqrt(layer.running_var.float() + layer.eps)
+        if layer.weight is not None:
+            scale = scale * layer.weight
+        shift = -layer.running_mean.float() * scale
+        if layer.bias is not None:
+            shift = shift + layer.bias
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+
+    return forward
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:

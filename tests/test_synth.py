@@ -21,7 +21,7 @@ from edgesnn.datasets import PACKAGED_SUBSET, load_labelled_images
 from edgesnn.errors import SynthError
 from edgesnn.synth import SynthConfig, encode_png, preview_png, synthesize
 from edgesnn.synth.data_impression import class_similarity, soft_targets
-from edgesnn.synth.deepinversion import class_balanced_labels
+from edgesnn.synth.deepinversion import class_balanced_labels, frozen
 from edgesnn.synth.quality import measure
 from edgesnn.zoo import ZOO
 
@@ -170,6 +170,20 @@ def test_teacher_is_left_as_it_was(zoo_resnet_module):
     assert not network.training
     assert all(p.requires_grad and p.is_contiguous() for p in network.parameters())
     assert all(torch.equal(before[name], value) for name, value in network.state_dict().items())
+    # BatchNorm ran as s·x + t during synthesis: its own forward is back.
+    assert not [name for name, layer in network.named_modules() if "forward" in vars(layer)]
+
+
+def test_batchnorm_as_affine_matches_batchnorm(zoo_resnet_module):
+    network = zoo_resnet_module.network
+    images = torch.randn(16, *zoo_resnet_module.input_shape)
+    with torch.no_grad():
+        expected = network(images)
+        with frozen(network):
+            during = network(images)
+            replaced = [name for name, layer in network.named_modules() if "forward" in vars(layer)]
+    assert replaced == [name for name, layer in network.named_modules() if isinstance(layer, nn.BatchNorm2d)] and replaced
+    assert torch.allclose(during, expected, atol=1e-4), (during - expected).abs().max()
 
 
 def test_progress_reports_every_image(zoo_resnet):
