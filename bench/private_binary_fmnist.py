@@ -16,7 +16,6 @@ BENCHMARKS.md and writes the raw figures to bench/results/private_binary_<budget
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -26,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from edgesnn.binarize import BinarizeConfig, binary_share, model_bytes
+from edgesnn.binarize import binary_share, model_bytes
 from edgesnn.convert import ConvertConfig
 from edgesnn.datasets import load_labelled_images
 from edgesnn.load import LoadConfig
 from edgesnn.pipeline import BUDGETS, BuildConfig, build, teacher_bytes_fp32
-from edgesnn.privatize import PrivatizeConfig, TrainConfig, snn_logits, weight_cosines
+from edgesnn.privatize import snn_logits, weight_cosines
 from edgesnn.synth import SynthConfig
 from edgesnn.zoo import ZOO
 
@@ -43,8 +42,8 @@ PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the i
 def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0) -> BuildConfig:
     """What `edgesnn build MODEL --private --binary --budget BUDGET` runs."""
     preset = BUDGETS[budget]
-    privatize = PrivatizeConfig(timesteps=1, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(seed=seed))
-    binarize = BinarizeConfig(step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, seed=seed))
+    privatize = preset.privatize_config(seed=seed)
+    binarize = preset.binarize_config(seed=seed)
     return BuildConfig(
         model=model,
         load=load,

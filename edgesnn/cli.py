@@ -574,11 +574,10 @@ def build_command(
     The build itself never reads a dataset; --eval-data is only used to report accuracy afterwards.
     """
     from . import distributed
-    from .binarize import BinarizeConfig
     from .errors import PipelineError
     from .evaluate import parse_timesteps
     from .pipeline import BUDGETS, BuildConfig, EvalConfig, build
-    from .privatize import CODINGS, PrivatizeConfig, RekeyConfig, TrainConfig, check_device
+    from .privatize import CODINGS, RekeyConfig, check_device
 
     check_device(device)
     if budget not in BUDGETS:
@@ -598,16 +597,10 @@ def build_command(
         privatize_config = None
         convert_timesteps = final_timesteps
         if private:
-            privatize_config = PrivatizeConfig(
-                timesteps=final_timesteps, temporal_steps=preset.temporal_steps, final_steps=preset.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed)
-            )
+            privatize_config = preset.privatize_config(final_timesteps, coding, device, seed)
             # Bias correction targets the first training phase's T.
             convert_timesteps = max([final_timesteps, *privatize_config.schedule])
-        binarize_config = None
-        if binary:
-            binarize_config = BinarizeConfig(
-                max_loss=max_loss, binary_fraction=binary_fraction, step_steps=preset.binarize_step_steps, final_steps=preset.binarize_final_steps, train=TrainConfig(lr=5e-4, device=device, seed=seed)
-            )
+        binarize_config = preset.binarize_config(max_loss, binary_fraction, device, seed) if binary else None
         config = BuildConfig(
             model=model,
             load=_load_config(arch, input_shape, trust_pickle),

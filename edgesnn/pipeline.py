@@ -50,7 +50,7 @@ from .errors import ArtifactError, EdgeSNNError, PipelineError
 from .evaluate import evaluate
 from .graph import Graph
 from .load import LoadConfig, load_model
-from .privatize import PrivatizeConfig, RekeyConfig, privatize, rekey_thresholds
+from .privatize import PrivatizeConfig, RekeyConfig, TrainConfig, privatize, rekey_thresholds
 from .zoo import DEFAULT_ZOO_MODEL, ZOO
 
 MANIFEST = "manifest.json"
@@ -94,6 +94,20 @@ class Budget:
     binarize_step_steps: int  # binarize: fine-tuning steps after each binarized layer
     binarize_final_steps: int  # binarize: fine-tuning steps at the end
 
+    def privatize_config(self, timesteps: int = 1, coding: str = "direct", device: str = "cpu", seed: int = 0) -> PrivatizeConfig:
+        """What ``build --private --budget B`` retrains with (``--timesteps``, ``--coding``, ``--device``, ``--seed``)."""
+        return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed))
+
+    def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0) -> BinarizeConfig:
+        """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``).
+
+        Fine-tuning a binarized network starts from a trained one: half the retraining learning rate.
+        """
+        train = TrainConfig(lr=BINARIZE_LR, device=device, seed=seed)
+        return BinarizeConfig(max_loss=max_loss, binary_fraction=binary_fraction, step_steps=self.binarize_step_steps, final_steps=self.binarize_final_steps, train=train)
+
+
+BINARIZE_LR = 5e-4
 
 # Measured on 2 CPU cores (BENCHMARKS.md): fast ≈ 3 min, standard ≤ 10 min, thorough ≤ 60 min
 # for the whole --private --binary build of a zoo model.
