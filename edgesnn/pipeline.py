@@ -84,6 +84,9 @@ class EvalConfig:
     timesteps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # T values to report
 
 
+BINARIZE_LR = 5e-4  # binarize fine-tunes a trained network: half the retraining learning rate
+
+
 @dataclass(frozen=True)
 class Budget:
     """Iteration counts of one ``--budget`` preset (each can still be set by its own option)."""
@@ -99,15 +102,10 @@ class Budget:
         return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed))
 
     def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0) -> BinarizeConfig:
-        """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``).
-
-        Fine-tuning a binarized network starts from a trained one: half the retraining learning rate.
-        """
+        """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``)."""
         train = TrainConfig(lr=BINARIZE_LR, device=device, seed=seed)
         return BinarizeConfig(max_loss=max_loss, binary_fraction=binary_fraction, step_steps=self.binarize_step_steps, final_steps=self.binarize_final_steps, train=train)
 
-
-BINARIZE_LR = 5e-4
 
 # Measured on 2 CPU cores (BENCHMARKS.md): fast ≈ 3 min, standard ≤ 10 min, thorough ≤ 60 min
 # for the whole --private --binary build of a zoo model.

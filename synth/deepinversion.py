@@ -165,7 +165,7 @@ def frozen(network: nn.Module) -> Iterator[nn.Module]:
     for parameter in parameters:
         parameter.requires_grad_(False)
     network.to(memory_format=torch.channels_last)
-    affine = [layer for layer in network.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None and layer.running_var is not None]
+    affine = batchnorm_layers(network)
     for layer in affine:
         layer.forward = _affine_batchnorm(layer)
     try:
