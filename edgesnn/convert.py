@@ -81,13 +81,19 @@ class IFNeuron(nn.Module):
         if not constant:
             current = current.reshape(steps, -1, *current.shape[1:])
         membrane = torch.ones_like(current[0] if not constant else current) * theta * self.initial_membrane
-        outputs = []
+        # The steps are written into one output tensor and the membrane is updated in place:
+        # the same arithmetic as v ← v + I; s = [v ≥ θ]; v ← v − θ·s, without a new tensor per operation.
+        outputs = torch.empty((steps, *membrane.shape), dtype=current.dtype)
         for step in range(steps):
-            membrane = membrane + (current if constant else current[step])
-            spikes = (membrane >= theta).to(current.dtype)
-            membrane = membrane - theta * spikes
-            outputs.append(spikes * (theta if self.amplitude is None else self.amplitude))
-        return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
+            membrane.add_(current if constant else current[step])
+            spikes = membrane >= theta
+            if self.amplitude is None:
+                torch.mul(spikes, theta, out=outputs[step])
+                membrane.sub_(outputs[step])
+            else:
+                membrane.sub_(spikes * theta)
+                torch.mul(spikes, self.amplitude, out=outputs[step])
+        return outputs.reshape(-1, *membrane.shape[1:])
 
 
 class SpikingNetwork(nn.Module):
@@ -99,12 +105,16 @@ class SpikingNetwork(nn.Module):
         self.neurons = {name: IFNeuron(theta, model.initial_membrane, model.amplitudes.get(name)) for name, theta in model.thresholds.items()}
         self.network = GraphNetwork(model.graph, self.neurons).eval()
 
+    def prepare(self, x: torch.Tensor, timesteps: int) -> None:
+        """Set every neuron for a simulation of ``x`` over ``timesteps`` steps (``forward`` does it itself)."""
+        for neuron in self.neurons.values():
+            neuron.timesteps, neuron.batch = timesteps, x.shape[0]
+
     def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
         """Logits averaged over the first t steps, for t = 1..T: shape T×B×classes."""
         steps = timesteps or self.model.timesteps
         batch = x.shape[0]
-        for neuron in self.neurons.values():
-            neuron.timesteps, neuron.batch = steps, batch
+        self.prepare(x, steps)
         output = self.network(x)
         if output.shape[0] == batch and steps > 1:
             output = output.unsqueeze(0).expand(steps, *output.shape)
@@ -137,13 +147,19 @@ class _ActivationStatistics:
 
     def observe(self, name: str, output: torch.Tensor) -> None:
         values = output.detach()
-        channels = values.transpose(0, 1).reshape(values.shape[1], -1) if self.per_channel else values.reshape(1, -1)
-        maximum = channels.max(dim=1).values
+        if not self.per_channel:
+            values = values.reshape(1, 1, -1)
+        # Channel c's samples are values[n, c, p] (p: the flattened position), numbered n·P + p.
+        rows = values.reshape(values.shape[0], values.shape[1], -1)
+        count, positions = rows.shape[0] * rows.shape[2], rows.shape[2]
+        maximum = rows.amax(dim=(0, 2))
         self.maximum[name] = maximum if name not in self.maximum else torch.maximum(self.maximum[name], maximum)
-        keep = max(1, SAMPLES_PER_BATCH // channels.shape[0])
-        if channels.shape[1] > keep:
-            index = torch.randint(0, channels.shape[1], (keep,), generator=self.generator)
-            channels = channels[:, index]
+        keep = max(1, SAMPLES_PER_BATCH // rows.shape[1])
+        if count > keep:
+            index = torch.randint(0, count, (keep,), generator=self.generator)
+            channels = rows[index // positions, :, index % positions].t()  # only the drawn samples are copied
+        else:
+            channels = rows.transpose(0, 1).reshape(rows.shape[1], -1)
         self.samples.setdefault(name, []).append(channels)
 
     def threshold(self, name: str, mode: str, percentile: float) -> torch.Tensor:
@@ -226,6 +242,11 @@ def correct_biases(graph: Graph, thresholds: dict[str, torch.Tensor], initial_me
     corrections already applied to the layers before l. The mean error that
     rate coding adds at each layer is removed instead of passed on.
     Returns the corrected graph and the mean |shift| per neuron.
+
+    The SNN is simulated up to neuron l only. When the images fit one simulation
+    call, the values of the nodes before the layer corrected last are kept from the
+    previous neuron's run, so each run starts at that layer: the same operations on
+    the same inputs as a whole simulation per neuron, a fraction of the work.
     """
     graph = graph.copy()
     neurons = graph.neurons()
@@ -239,24 +260,51 @@ def correct_biases(graph: Graph, thresholds: dict[str, torch.Tensor], initial_me
         handle.remove()
     shifts: dict[str, float] = {}
     simulation_batch = max(1, min(batch_size, SAMPLES_PER_SIMULATION // timesteps))
+    chunks = [images[start : start + simulation_batch] for start in range(0, len(images), simulation_batch)]
+    simulator = SpikingNetwork(SpikingModel(graph, thresholds, initial_membrane, timesteps, (0, 0, 0), 0, None))
+    position = {node.name: index for index, node in enumerate(graph.nodes)}
+    readers: dict[str, list[int]] = {node.name: [] for node in graph.nodes}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers[name].append(position[node.name])
+    owners = {neuron.name: _bias_owner(graph, neuron) for neuron in neurons}
+    # Run k+1 starts at the layer corrected by run k; the earliest start of this run's successors.
+    restarts = [position[owners[n.name].name] if owners[n.name] is not None else len(graph.nodes) for n in neurons]
+    earliest = [min(restarts[k:]) for k in range(len(neurons))]
+    # With one chunk the values a later run reads stay between runs; with more, each run starts
+    # from the input (keeping every chunk's values would hold them all at once).
+    keep = len(chunks) == 1
+    kept: dict[str, torch.Tensor] = {}
+    begin = 0
     for index, neuron in enumerate(neurons):
-        owner = _bias_owner(graph, neuron)
+        owner = owners[neuron.name]
         if owner is None:
             continue
-        model = SpikingModel(graph, thresholds, initial_membrane, timesteps, (0, 0, 0), 0, None)
-        simulator = SpikingNetwork(model)
+        stop = position[neuron.name] + 1
+        last_read = {name: max(p for p in readers[name] if p < stop) for node in graph.nodes[begin:stop] for name in node.inputs}
+        retained = {node.name for node in graph.nodes[:stop] if keep and position[node.name] < restarts[index] and max(readers[node.name], default=-1) >= earliest[index]}
         snn_means: dict[str, torch.Tensor] = {}
-        handle = simulator.network.layer(neuron.name).register_forward_hook(_channel_means(neuron.name, snn_means, timesteps))
+        accumulate = _channel_means(neuron.name, snn_means, timesteps)
         with torch.no_grad():
-            for start in range(0, len(images), simulation_batch):
-                simulator(images[start : start + simulation_batch], timesteps)
-        handle.remove()
+            for chunk in chunks:
+                values = kept if keep else {}
+                simulator.prepare(chunk, timesteps)
+                for node in graph.nodes[begin:stop]:
+                    values[node.name] = simulator.network.evaluate(node, values, chunk)
+                    for name in set(node.inputs):
+                        if last_read[name] == position[node.name] and name not in retained:
+                            del values[name]
+                accumulate(None, None, values[neuron.name])
+                for name in [name for name in values if name not in retained]:
+                    del values[name]
         delta = (ann_means[neuron.name] - snn_means[neuron.name]) / len(images)
         reference = owner.params["weight"] if "weight" in owner.params else owner.params["bias"]
         bias = owner.params.get("bias", torch.zeros(reference.shape[0]))
         owner.params["bias"] = bias + delta
+        simulator.network.rebuild(owner)
         shifts[neuron.name] = round(float(delta.abs().mean()), 6)
         progress("bias corr.", index + 1, len(neurons))
+        begin = restarts[index] if keep else 0
     return graph, shifts
 
 

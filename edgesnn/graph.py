@@ -324,22 +324,32 @@ class GraphNetwork(nn.Module):
     def layer(self, name: str) -> nn.Module:
         return self.layers[module_key(name)]
 
+    def rebuild(self, node: Node) -> None:
+        """Rebuild the module of ``node`` (a node of this graph) from its current parameters, in this network's mode."""
+        self.layers[module_key(node.name)] = OPS[node.op](node).train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
         for index, node in enumerate(self.graph.nodes):
-            if node.op == "input":
-                result = x
-            elif node.op == "add":
-                left, right = _broadcast_time([values[i] for i in node.inputs])
-                result = left + right
-            elif node.op == "cat":
-                result = torch.cat(_broadcast_time([values[i] for i in node.inputs]), dim=node.attrs["dim"])
-            else:
-                result = self.layers[module_key(node.name)](values[node.inputs[0]])
-            values[node.name] = result
+            values[node.name] = self.evaluate(node, values, x)
             for name in self._release[index]:
                 del values[name]
         return values[self.graph.output]
+
+    def evaluate(self, node: Node, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The output of one node from the outputs of its inputs in ``values`` (``x``: the network's input).
+
+        ``forward`` runs every node in order; a caller that keeps ``values`` between
+        calls can rerun part of the graph (convert's bias correction does).
+        """
+        if node.op == "input":
+            return x
+        if node.op == "add":
+            left, right = _broadcast_time([values[i] for i in node.inputs])
+            return left + right
+        if node.op == "cat":
+            return torch.cat(_broadcast_time([values[i] for i in node.inputs]), dim=node.attrs["dim"])
+        return self.layers[module_key(node.name)](values[node.inputs[0]])
 
 
 def count_parameters(graph: Graph) -> int:

@@ -104,6 +104,51 @@ def test_bias_correction_shrinks_the_mean_output_gap(resnet_teacher, resnet_synt
     assert _mean_output_gap(corrected, folded, images, 16) < 0.5 * _mean_output_gap(plain, folded, images, 16)
 
 
+def _whole_simulation_bias_correction(graph, thresholds, initial_membrane, images, timesteps, batch_size):
+    """The bias correction as first written: a whole simulation of the network for every neuron."""
+    from edgesnn.artifacts import SpikingModel
+    from edgesnn.convert import SAMPLES_PER_SIMULATION, _bias_owner, _channel_means
+
+    graph = graph.copy()
+    neurons = graph.neurons()
+    ann_means = {}
+    network = GraphNetwork(graph)
+    handles = [network.layer(n.name).register_forward_hook(_channel_means(n.name, ann_means, 1, thresholds[n.name])) for n in neurons]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            network(images[start : start + batch_size])
+    for handle in handles:
+        handle.remove()
+    simulation_batch = max(1, min(batch_size, SAMPLES_PER_SIMULATION // timesteps))
+    for neuron in neurons:
+        owner = _bias_owner(graph, neuron)
+        simulator = SpikingNetwork(SpikingModel(graph, thresholds, initial_membrane, timesteps, (0, 0, 0), 0, None))
+        snn_means = {}
+        handle = simulator.network.layer(neuron.name).register_forward_hook(_channel_means(neuron.name, snn_means, timesteps))
+        with torch.no_grad():
+            for start in range(0, len(images), simulation_batch):
+                simulator(images[start : start + simulation_batch], timesteps)
+        handle.remove()
+        delta = (ann_means[neuron.name] - snn_means[neuron.name]) / len(images)
+        owner.params["bias"] = owner.params["bias"] + delta
+    return graph
+
+
+@pytest.mark.parametrize("timesteps, count", [(4, 64), (64, 96)])  # one simulation call, and two (each run from the input)
+def test_bias_correction_equals_a_whole_simulation_per_neuron(resnet_teacher, resnet_synthetic, timesteps, count) -> None:
+    from edgesnn.convert import correct_biases
+
+    graph = fold_batchnorm(resnet_teacher.graph)
+    images = resnet_synthetic.images[:count]
+    thresholds = calibrate_thresholds(graph, images, ConvertConfig())
+    expected = _whole_simulation_bias_correction(graph, thresholds, 0.5, images, timesteps, 256)
+    corrected, _ = correct_biases(graph, thresholds, 0.5, images, timesteps, 256)
+    for mine, theirs in zip(corrected.nodes, expected.nodes):
+        assert mine.params.keys() == theirs.params.keys()
+        for key in mine.params:
+            assert torch.equal(mine.params[key], theirs.params[key]), (mine.name, key)  # bit for bit
+
+
 def test_snn_converges_to_the_ann_on_real_images(resnet_teacher, resnet_synthetic, real_images) -> None:
     """The zoo ResNet (residual adds, 1x1 shortcuts, global pooling) converted from synthetic calibration."""
     model = convert(resnet_teacher, resnet_synthetic, ConvertConfig(bias_correction_images=64))
