@@ -297,10 +297,26 @@ class _ReadNoise:
         return first
 
 
+def _reference_modules(model: SpikingModel) -> dict[str, torch.nn.Module]:
+    """The module of every node that has one (``GraphNetwork``'s), by node name: the ideal layers and the other ops."""
+    reference = GraphNetwork(model.graph)
+    return {node.name: reference.layer(node.name) for node in model.graph.nodes if module_key(node.name) in reference.layers}
+
+
+class _Shared:
+    """What every Monte Carlo run of one model on the same images shares, built once: the
+    modules of its ideal layers (read only) and the ideal model's predictions at each T
+    (computed by the first run that needs them; the later runs would compute the same)."""
+
+    def __init__(self, model: SpikingModel):
+        self.modules = _reference_modules(model)
+        self.ideal: dict[tuple[int, int], torch.Tensor] = {}  # (T, tile size) -> N predictions
+
+
 class _Simulator:
     """Runs a spiking model on crossbars for a slice of trials."""
 
-    def __init__(self, model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, timesteps: int, trials: slice, noise: _ReadNoise):
+    def __init__(self, model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, timesteps: int, trials: slice, noise: _ReadNoise, modules: dict[str, torch.nn.Module] | None = None):
         self.model = model
         self.graph = model.graph
         self.layers = {layer.node.name: layer for layer in layers}
@@ -310,8 +326,7 @@ class _Simulator:
         self.trials = trials.stop - trials.start
         self.noise = noise
         self.calibrating = False
-        reference = GraphNetwork(self.graph)
-        self.modules = {node.name: reference.layer(node.name) for node in self.graph.nodes if module_key(node.name) in reference.layers}
+        self.modules = _reference_modules(model) if modules is None else modules
         self.neurons: dict[tuple[str, bool], IFNeuron] = {}
         self.owned = False
         self.tile_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
@@ -651,7 +666,7 @@ class MonteCarloResult:
         }
 
 
-def _simulate(model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, images: torch.Tensor, steps: int, progress: Progress, task: str) -> torch.Tensor:
+def _simulate(model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, images: torch.Tensor, steps: int, progress: Progress, task: str, modules: dict[str, torch.nn.Module] | None = None) -> torch.Tensor:
     """Predicted class of every image in every trial: N × trials."""
     per_call = max(1, SAMPLES_PER_CALL // steps)
     trial_batch = max(1, min(config.trials, per_call // 8))
@@ -662,7 +677,7 @@ def _simulate(model: SpikingModel, layers: list[MappedLayer], config: CrossbarCo
     done = 0
     with torch.no_grad():
         for first in range(0, config.trials, trial_batch):
-            simulator = _Simulator(model, layers, config, steps, slice(first, min(config.trials, first + trial_batch)), noise)
+            simulator = _Simulator(model, layers, config, steps, slice(first, min(config.trials, first + trial_batch)), noise, modules)
             for start in range(0, len(images), image_batch):
                 logits = simulator.run(images[start : start + image_batch])
                 predictions[start : start + image_batch, first : first + simulator.trials] = logits.argmax(-1)
@@ -671,7 +686,7 @@ def _simulate(model: SpikingModel, layers: list[MappedLayer], config: CrossbarCo
     return predictions
 
 
-def _calibrate_adc(model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, images: torch.Tensor, steps: int) -> None:
+def _calibrate_adc(model: SpikingModel, layers: list[MappedLayer], config: CrossbarConfig, images: torch.Tensor, steps: int, modules: dict[str, torch.nn.Module] | None = None) -> None:
     """ADC full scale per tile and column: the largest |partial sum| of the ideal model on ``images``."""
     for layer in layers:
         layer.ranges = []
@@ -679,7 +694,7 @@ def _calibrate_adc(model: SpikingModel, layers: list[MappedLayer], config: Cross
     saved = [(layer.programmed, layer.squared) for layer in layers]
     for layer in layers:
         layer.programmed, layer.squared = None, None
-    simulator = _Simulator(model, layers, ideal, steps, slice(0, 1), _ReadNoise(0))
+    simulator = _Simulator(model, layers, ideal, steps, slice(0, 1), _ReadNoise(0), modules)
     simulator.calibrating = True
     with torch.no_grad():
         simulator.run(images)
@@ -689,6 +704,10 @@ def _calibrate_adc(model: SpikingModel, layers: list[MappedLayer], config: Cross
 
 def monte_carlo(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, config: CrossbarConfig = CrossbarConfig(), progress: Progress = no_progress) -> MonteCarloResult:
     """Accuracy (and agreement with the ideal model) of ``config.trials`` crossbar instances."""
+    return _monte_carlo(model, images, labels, config, progress, _Shared(model))
+
+
+def _monte_carlo(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, config: CrossbarConfig, progress: Progress, shared: _Shared) -> MonteCarloResult:
     check_config(config)
     if len(images) == 0:
         raise CrossbarError("no images to simulate")
@@ -697,11 +716,14 @@ def monte_carlo(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor 
     started = time.perf_counter()
     steps = config.timesteps or model.timesteps
     layers = map_layers(model, config.tile_size)
-    ideal_predictions = _simulate(model, layers, replace(CrossbarConfig(tile_size=config.tile_size), trials=1), images, steps, no_progress, "ideal")[:, 0]
+    key = (steps, config.tile_size)
+    if key not in shared.ideal:
+        shared.ideal[key] = _simulate(model, layers, replace(CrossbarConfig(tile_size=config.tile_size), trials=1), images, steps, no_progress, "ideal", shared.modules)[:, 0]
+    ideal_predictions = shared.ideal[key]
     program(layers, config)
     if config.adc_bits is not None:
-        _calibrate_adc(model, layers, config, images[: max(1, min(len(images), CALIBRATION_SAMPLES // steps))], steps)
-    predictions = _simulate(model, layers, config, images, steps, progress, "crossbar MC")
+        _calibrate_adc(model, layers, config, images[: max(1, min(len(images), CALIBRATION_SAMPLES // steps))], steps, shared.modules)
+    predictions = _simulate(model, layers, config, images, steps, progress, "crossbar MC", shared.modules)
     agreement = (predictions == ideal_predictions.unsqueeze(1)).double().mean(0).tolist()
     accuracy: list[float] = []
     ideal_accuracy = None
@@ -773,11 +795,15 @@ SWEEP_AXES = {
 
 def sweep(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, base: CrossbarConfig, parameter: str, values: tuple, trials: int, progress: Progress = no_progress) -> list[dict[str, Any]]:
     """Monte Carlo at each value of one parameter, the others as in ``base``."""
+    return _sweep(model, images, labels, base, parameter, values, trials, progress, _Shared(model))
+
+
+def _sweep(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor | None, base: CrossbarConfig, parameter: str, values: tuple, trials: int, progress: Progress, shared: _Shared) -> list[dict[str, Any]]:
     if parameter not in SWEEP_AXES:
         raise CrossbarError(f"sweep parameter {parameter!r} is unknown; valid: {', '.join(SWEEP_AXES)}")
     points = []
     for index, value in enumerate(values):
-        result = monte_carlo(model, images, labels, replace(base, **{parameter: value}, trials=trials))
+        result = _monte_carlo(model, images, labels, replace(base, **{parameter: value}, trials=trials), no_progress, shared)
         points.append({"value": value, **result.summary()})
         progress(f"sweep {parameter}", index + 1, len(values))
     return points
@@ -790,7 +816,9 @@ def robustness(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor |
     check_config(config)
     metric = "accuracy" if labels is not None else "agreement"
     document: dict[str, Any] = {"mapping": mapping_summary(model, config.tile_size), "metric": metric}
-    document["monte_carlo"] = monte_carlo(model, images, labels, config, progress).summary()
+    shared = _Shared(model)
+    configured = _monte_carlo(model, images, labels, config, progress, shared)
+    document["monte_carlo"] = configured.summary()
     plots: dict[str, bytes] = {}
     if sweeps is not None:
         document["sweeps"] = {}
@@ -798,20 +826,24 @@ def robustness(model: SpikingModel, images: torch.Tensor, labels: torch.Tensor |
             values = getattr(sweeps, parameter)
             if not values:
                 continue
-            points = sweep(model, images, labels, config, parameter, values, sweeps.trials, progress)
+            points = _sweep(model, images, labels, config, parameter, values, sweeps.trials, progress, shared)
             document["sweeps"][parameter] = points
             series = [_series(points, metric, f"T={points[0]['timesteps']}")]
             plots[filename] = line_chart(series, f"{metric} vs {label}", label, f"{metric} (mean, 95% CI)")
     if compare_timesteps:
         rows = []
         for steps in sorted(set(compare_timesteps) | {config.timesteps or model.timesteps}):
-            result = monte_carlo(model, images, labels, replace(config, timesteps=steps), progress).summary()
-            rows.append(result)
+            if steps == configured.timesteps:
+                # The configured run at its own T: the same simulation, only the config names T.
+                result = replace(configured, config=_plain(asdict(replace(config, timesteps=steps))))
+            else:
+                result = _monte_carlo(model, images, labels, replace(config, timesteps=steps), progress, shared)
+            rows.append(result.summary())
         document["timesteps"] = rows
         if compare_variation and sweeps is not None and sweeps.variation:
             series = []
             for steps in sorted(set(compare_timesteps) | {config.timesteps or model.timesteps}):
-                points = sweep(model, images, labels, replace(config, timesteps=steps), "variation", sweeps.variation, sweeps.trials)
+                points = _sweep(model, images, labels, replace(config, timesteps=steps), "variation", sweeps.variation, sweeps.trials, no_progress, shared)
                 series.append(_series(points, metric, f"T={steps}"))
                 document.setdefault("timesteps_variation", {})[str(steps)] = points
             plots["crossbar_timesteps.png"] = line_chart(series, f"{metric} vs variation at each T (same devices)", SWEEP_AXES["variation"][0], f"{metric} (mean, 95% CI)")

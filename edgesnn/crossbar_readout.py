@@ -12,18 +12,23 @@ whose two uniforms are the 32-bit halves of SplitMix64(key + ⌊g/2⌋·γ). A d
 depends on the key and its index only: not on the thread count, how the rows are split,
 or whether the compiled kernel or the torch operations compute it.
 
-The kernel is C compiled once per process with the system compiler (``cc``, about a
-second; the flags select the host's vector instructions), so the per-element work and the
-noise run in one vectorised pass instead of a pass each. Without a compiler, or with
-EDGESNN_NO_KERNEL=1, the same arithmetic runs as torch operations: the same draws up to
-the last bits of log/cos/sin.
+The kernel is C compiled with the system compiler (``cc``, about a second; the flags
+select the host's vector instructions), so the per-element work and the noise run in one
+vectorised pass instead of a pass each. The library is kept in a cache folder
+(EDGESNN_CACHE_DIR, else $XDG_CACHE_HOME/edgesnn or ~/.cache/edgesnn) under a key of the
+source, the compiler and the CPU, so each machine compiles it once rather than every
+process; where the folder cannot be written, each process compiles its own. Without a
+compiler, or with EDGESNN_NO_KERNEL=1, the same arithmetic runs as torch operations: the
+same draws up to the last bits of log/cos/sin.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -175,32 +180,59 @@ _compile_failed = False
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
+def _cached_path(compiler: str) -> str | None:
+    """Where this machine's build of the kernel is kept, or None where no key can be formed.
+
+    The key covers the source, the compiler (resolved path, size, modification time) and
+    the CPU (architecture, vendor, model and instruction-set flags: ``-march=native`` code
+    must not run on another CPU that shares the folder).
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            first_cpu = handle.read().split("\n\n")[0]
+        resolved = os.path.realpath(compiler)
+        compiler_stat = os.stat(resolved)
+    except OSError:
+        return None
+    cpu = [line for line in first_cpu.splitlines() if line.startswith(("vendor_id", "model name", "flags"))]
+    if not cpu:
+        return None
+    key = hashlib.sha256("\n".join([_SOURCE, resolved, str(compiler_stat.st_size), str(compiler_stat.st_mtime_ns), platform.machine(), *cpu]).encode()).hexdigest()[:32]
+    folder = os.environ.get("EDGESNN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "edgesnn")
+    if not os.path.isabs(folder):
+        return None  # no home folder to put it in
+    return os.path.join(folder, f"readout-{key}.so")
+
+
+def _keep(built: str, cached: str) -> None:
+    """Copy the built library into the cache under a temporary name and rename it into place
+    (atomic: a process that loads it concurrently sees the whole file or none)."""
+    try:
+        os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".so.partial")
+        os.close(handle)
+        shutil.copyfile(built, partial)
+        os.replace(partial, cached)
+    except OSError:
+        pass  # no cache: the next process compiles again
+
+
 def _compile() -> ctypes.CDLL | None:
-    """The kernel built for this machine, or None without a working C compiler."""
+    """The kernel built for this machine (from the cache where it was built before), or None without a working C compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None
-    source = _SOURCE
-    folder = tempfile.mkdtemp(prefix="edgesnn-readout-")
-    try:
-        path_c, path_o, path_so = (os.path.join(folder, name) for name in ("readout.c", "readout.o", "readout.so"))
-        with open(path_c, "w") as handle:
-            handle.write(source)
-        # -ffast-math for the compile only: it lets libmvec vectorise logf/cosf/sinf; linked
-        # without it, so no startup code changes the process's floating-point (denormal) mode.
-        # -fopenmp: the kernel's threads are torch's own (the same libgomp, already loaded).
-        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-            compiled = subprocess.run([compiler, "-O3", *flags, "-ffast-math", "-fPIC", "-c", path_c, "-o", path_o], capture_output=True)
-            openmp = ["-fopenmp"] if "-fopenmp" in flags else []
-            if compiled.returncode == 0 and subprocess.run([compiler, "-shared", *openmp, path_o, "-o", path_so, "-lm"], capture_output=True).returncode == 0:
-                library = ctypes.CDLL(path_so)
-                break
-        else:
-            return None
-    except OSError:
+    cached = _cached_path(compiler)
+    library = None
+    if cached is not None and os.path.isfile(cached):
+        try:
+            library = ctypes.CDLL(cached)
+        except OSError:
+            library = None  # unreadable or foreign: build it again
+    if library is None:
+        library = _build(compiler, cached)
+    if library is None:
         return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
     library.esnn_normals.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64]
     library.esnn_normals.restype = None
     library.esnn_openmp.restype = ctypes.c_int
@@ -212,6 +244,31 @@ def _compile() -> ctypes.CDLL | None:
     ]
     library.esnn_readout.restype = None
     return library
+
+
+def _build(compiler: str, cached: str | None) -> ctypes.CDLL | None:
+    """Compile the kernel with the best flags the compiler takes; keep it at ``cached`` if given."""
+    folder = tempfile.mkdtemp(prefix="edgesnn-readout-")
+    try:
+        path_c, path_o, path_so = (os.path.join(folder, name) for name in ("readout.c", "readout.o", "readout.so"))
+        with open(path_c, "w") as handle:
+            handle.write(_SOURCE)
+        # -ffast-math for the compile only: it lets libmvec vectorise logf/cosf/sinf; linked
+        # without it, so no startup code changes the process's floating-point (denormal) mode.
+        # -fopenmp: the kernel's threads are torch's own (the same libgomp, already loaded).
+        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            compiled = subprocess.run([compiler, "-O3", *flags, "-ffast-math", "-fPIC", "-c", path_c, "-o", path_o], capture_output=True)
+            openmp = ["-fopenmp"] if "-fopenmp" in flags else []
+            if compiled.returncode == 0 and subprocess.run([compiler, "-shared", *openmp, path_o, "-o", path_so, "-lm"], capture_output=True).returncode == 0:
+                library = ctypes.CDLL(path_so)
+                if cached is not None:
+                    _keep(path_so, cached)
+                return library
+        return None
+    except OSError:
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
 
 
 def kernel() -> ctypes.CDLL | None:

@@ -105,11 +105,27 @@ class _Canvas:
         self.pixels[max(0, y0) : min(height, y1 + 1), max(0, x0) : min(width, x1 + 1)] = color
 
     def line(self, x0: float, y0: float, x1: float, y1: float, color, thickness: int = 2) -> None:
+        """A square of ``thickness`` pixels at each of max(|Δx|, |Δy|) + 1 points from (x0, y0) to (x1, y1)."""
         steps = int(max(abs(x1 - x0), abs(y1 - y0), 1))
         half = thickness // 2
-        for t in np.linspace(0, 1, steps + 1):
-            x, y = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t
-            self.rect(x - half, y - half, x - half + thickness - 1, y - half + thickness - 1, color)
+        t = np.linspace(0, 1, steps + 1)
+        x, y = x0 + (x1 - x0) * t, y0 + (y1 - y0) * t
+        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            raise ValueError(f"cannot draw a line through non-finite coordinates ({x0}, {y0}) - ({x1}, {y1})")
+        # Every point's square as ``rect`` rounds and clips it (half to even, as Python's round),
+        # filled for all points at once: a square spans at most thickness + 1 pixels per axis.
+        height, width, _ = self.pixels.shape
+        spans = []
+        for low, high, size in ((y - half, y - half + thickness - 1, height), (x - half, x - half + thickness - 1, width)):
+            low, high = np.rint(low).astype(np.int64), np.rint(high).astype(np.int64)
+            low, high = np.minimum(low, high), np.maximum(low, high)
+            spans.append((np.maximum(low, 0), np.minimum(high, size - 1)))
+        (row_low, row_high), (column_low, column_high) = spans
+        for row_offset in range(thickness + 2):
+            for column_offset in range(thickness + 2):
+                rows, columns = row_low + row_offset, column_low + column_offset
+                inside = (rows <= row_high) & (columns <= column_high)
+                self.pixels[rows[inside], columns[inside]] = color
 
     def text(self, x: float, y: float, text: str, color=(0, 0, 0), scale: int = 2, anchor: str = "left", vertical: bool = False) -> None:
         mask = _text_mask(text, scale)

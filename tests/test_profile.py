@@ -197,6 +197,25 @@ def test_readout_kernel_matches_the_torch_reference(levels, fire, monkeypatch):
     assert float(close.float().mean()) > 0.99 if levels else bool(close.all())
 
 
+def test_readout_kernel_is_compiled_once_per_machine(tmp_path, monkeypatch):
+    from edgesnn import crossbar_readout
+
+    if crossbar_readout.kernel() is None:
+        pytest.skip("no C compiler: the readout runs as torch operations")
+    monkeypatch.setenv("EDGESNN_CACHE_DIR", str(tmp_path))
+    built = crossbar_readout._compile()  # compiles and keeps the library in the cache folder
+    kept = list(tmp_path.glob("readout-*.so"))
+    assert len(kept) == 1 and not list(tmp_path.glob("*.partial"))
+    calls = []
+    monkeypatch.setattr(crossbar_readout, "_build", lambda *arguments: calls.append(arguments))
+    loaded = crossbar_readout._compile()  # a later process: loaded from the cache, nothing compiled
+    assert not calls and loaded._name == str(kept[0])
+    for library in (built, loaded):
+        out = torch.empty(64)
+        library.esnn_normals(out.data_ptr(), 0, 64, 5)
+        assert torch.equal(out, crossbar_readout.normals(0, 64, 5))
+
+
 def test_read_noise_variance_shortcuts_keep_the_predictions(vgg_one_step, images, monkeypatch):
     """The variance σ_r²·Σ x²·(G⁺² + G⁻²) in bfloat16, and for spikes x ∈ {0, a} as Σ x̃·(a²/ã)·(G⁺² + G⁻²)
     (x̃, ã: rounded to bfloat16): against float32 and the explicit x², with the same draws, the noise's σ
