@@ -3,8 +3,9 @@
     .venv/bin/python bench/synth_iterations_fmnist.py [--models fmnist_resnet8] [--count 1024]
         [--iterations 256 --min-iterations 192 --bn-weight 10 --first-bn-multiplier 1]
 
-For each model, two synthetic sets of --count images from the same seed: edgesnn's
-default SynthConfig, and the default with more iterations per image and the BN
+For each model, two synthetic sets of --count images from the same seed: the
+SynthConfig default of session 7 (BN weight 1, ×10 on the first BN layer; the default
+has since become BN weight 10 with every layer alike), and that with more iterations per image and the BN
 statistics term weighted like the published recipe (the settings above). Each set
 then goes through the same conversion and fast-budget private/binary training as
 bench/synth_recipe_fmnist.py (its ``downstream``), measured on the Fashion-MNIST
@@ -54,7 +55,7 @@ def main() -> None:
         sys.exit(f"error: unknown model(s) {', '.join(unknown)}; expected some of {', '.join(ZOO)}")
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    default = SynthConfig(count=args.count, seed=args.seed)
+    default = SynthConfig(count=args.count, seed=args.seed, bn_weight=1.0, first_bn_multiplier=10.0)  # the default when this probe ran
     longer = dataclasses.replace(default, iterations=args.iterations, min_iterations=args.min_iterations, bn_weight=args.bn_weight, first_bn_multiplier=args.first_bn_multiplier)
     results = []
     for name in models:

@@ -1,0 +1,126 @@
+"""Benchmark: which training images make the best one-timestep student? (a probe for the private stage)
+
+    .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
+        [--settings session7,bn3,bn10,bn10-long,real] [--count 2048] [--threads 1]
+
+For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
+made by `bench/private_binary_fmnist.py --keep BUILDS`) is retrained with the
+standard budget's privatize configuration on --count training images from each
+setting, and the private T=1 model is scored on the Fashion-MNIST test set. The
+conversion is the same in every row, so the rows differ only in the images:
+
+- session7: DeepInversion with the SynthConfig default of session 7 (BN weight 1, ×10 on the first BN layer);
+- bn3: BN weight 3, ×3 on the first layer;
+- bn10: BN weight 10, every layer alike (the published CIFAR-10 weighting; now the default);
+- bn10-long: bn10 with 256 iterations per image (at least 192);
+- real: the first --count REAL training images with the teacher's labels. Not data-free:
+  it is the ceiling that the synthetic rows are measured against, never a build option.
+
+Prints a Markdown table and writes bench/results/privatize_data_fmnist.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edgesnn.artifacts import SyntheticSet
+from edgesnn.datasets import load_labelled_images
+from edgesnn.pipeline import BUDGETS, load_teacher, read_spiking
+from edgesnn.privatize import privatize, snn_logits, teacher_logits
+from edgesnn.synth import SynthConfig, synthesize
+from edgesnn.zoo import ZOO
+
+DATA = "/usr/share/datasets/fashion-mnist"
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {
+    "session7": {"bn_weight": 1.0, "first_bn_multiplier": 10.0},
+    "bn3": {"bn_weight": 3.0, "first_bn_multiplier": 3.0},
+    "bn10": {"bn_weight": 10.0, "first_bn_multiplier": 1.0},
+    "bn10-long": {"bn_weight": 10.0, "first_bn_multiplier": 1.0, "iterations": 256, "min_iterations": 192},
+    "real": None,
+}
+
+
+def training_images(name: str, setting: str, teacher, count: int, seed: int) -> tuple[SyntheticSet, dict]:
+    """The images of one setting, and the synthesis figures (none for real images)."""
+    if SETTINGS[setting] is None:
+        real = load_labelled_images(DATA, "train", ZOO[name].normalize, count)
+        images = torch.from_numpy(real.images)
+        logits = teacher_logits(teacher, images)
+        return SyntheticSet(images, logits.argmax(1), logits, "real", {}), {}
+    synthetic = synthesize(teacher, SynthConfig(count=count, seed=seed, **SETTINGS[setting]))
+    keep = ("target_agreement", "bn_error", "diversity", "iterations_mean", "seconds")
+    return synthetic, {k: round(float(synthetic.metrics[k]), 4) for k in keep if k in synthetic.metrics}
+
+
+def run(name: str, setting: str, args, log) -> dict:
+    teacher = load_teacher(name)
+    converted = read_spiking(args.builds / name / "snn.pt")
+    images, synth = training_images(name, setting, teacher, args.count, args.seed)
+    started = time.perf_counter()
+    model = privatize(converted, teacher, images, BUDGETS["standard"].privatize_config(seed=args.seed))
+    seconds = time.perf_counter() - started
+    test = load_labelled_images(DATA, "test", ZOO[name].normalize, args.limit)
+    predictions = snn_logits(model, torch.from_numpy(test.images), 1).argmax(1)
+    row = {
+        "model": name,
+        "setting": setting,
+        "synth_config": SETTINGS[setting],
+        "synth": synth,
+        "private_t1_accuracy": round(float((predictions == torch.from_numpy(test.labels)).float().mean()), 4),
+        "holdout_agreement": model.metrics["privatize"]["holdout_agreement"],
+        "privatize_seconds": round(seconds, 1),
+    }
+    log(f"{name} {setting}: private T=1 {100 * row['private_t1_accuracy']:.2f}%, held-out agreement {row['holdout_agreement']}, synth {synth}")
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | training images | private T=1 | held-out agreement | synth s | iterations/image | diversity | BN error |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["synth"]
+        lines.append(
+            f"| {r['model']} | {r['setting']} | {100 * r['private_t1_accuracy']:.2f} | {r['holdout_agreement']:.3f} | {s.get('seconds', '')} | "
+            f"{s.get('iterations_mean', '')} | {s.get('diversity', '')} | {s.get('bn_error', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(ZOO))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--builds", type=Path, default=ROOT / "bench" / "builds", help="earlier standard builds (BUILDS/<model>/snn.pt)")
+    parser.add_argument("--count", type=int, default=2048, help="training images per setting")
+    parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privatize_data_fmnist.json")
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    settings = [s for s in args.settings.split(",") if s]
+    for kind, names, known in (("model", models, ZOO), ("setting", settings, SETTINGS)):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            sys.exit(f"error: unknown {kind}(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+    if not Path(DATA).is_dir():
+        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    missing = [str(args.builds / m / "snn.pt") for m in models if not (args.builds / m / "snn.pt").is_file()]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} not found; run bench/private_binary_fmnist.py --keep {args.builds} first")
+    torch.set_num_threads(args.threads)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    rows = [run(name, setting, args, log) for name in models for setting in settings]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "count": args.count, "rows": rows}, indent=2) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
