@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from edgesnn.pipeline import audit_inverter, load_judge, read_spiking, read_teac
 from edgesnn.synth import preview_png
 from edgesnn.zoo import FASHION_MNIST_NORMALIZE
 
-DATA = "/usr/share/datasets/fashion-mnist"
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
+from common import DATA, ROOT  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,9 @@ from edgesnn.pipeline import load_teacher, peak_rss_mb
 from edgesnn.synth import SynthConfig, synthesize
 from edgesnn.zoo import ZOO
 
-DATA = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
+from common import DATA, known_names, require_data  # noqa: E402
+
 TIMESTEPS = [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -93,12 +95,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert_fmnist.json")
     args = parser.parse_args()
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    require_data()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    results = [run_model(name, args.count, args.limit, args.seed, log) for name in args.models.split(",")]
+    results = [run_model(name, args.count, args.limit, args.seed, log) for name in known_names(args.models, ZOO)]
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "count": args.count, "limit": args.limit, "results": results}, indent=2) + "\n")

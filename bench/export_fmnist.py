@@ -47,13 +47,12 @@ from edgesnn.privatize import snn_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from private_binary_fmnist import build_config  # noqa: E402
+from common import DATA  # noqa: E402
 
 try:
     from teacher_tflite import teacher_tflite_bytes  # noqa: E402
 except ImportError:  # the teacher's TFLite baseline is optional
     teacher_tflite_bytes = None
-
-DATA = "/usr/share/datasets/fashion-mnist"
 
 
 def onnx_session(data: bytes) -> onnxruntime.InferenceSession:

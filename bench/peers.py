@@ -61,8 +61,9 @@ from edgesnn.privatize import EVAL_BATCH
 from edgesnn.zoo import ZOO
 from edgesnn.zoo.models import BasicBlock
 
-DATA = "/usr/share/datasets/fashion-mnist"
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
+from common import DATA, ROOT, known_names, require_data  # noqa: E402
+
 TIMESTEPS = [1, 2, 4, 8, 16, 32, 64, 128]
 SPIKINGJELLY_MODES = ["max", "99.9%"]
 JOBS = [f"spikingjelly:{mode}" for mode in SPIKINGJELLY_MODES] + ["edgesnn:convert", "edgesnn:binary"]
@@ -499,8 +500,7 @@ def main() -> None:
     parser.add_argument("--timed-t", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--retime", type=Path, help="convert and time again at the T values of an earlier run's JSON, keeping its accuracies; writes --out")
     args = parser.parse_args()
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    require_data()
     args.only = [job for job in args.only.split(",") if job]
     unknown = [job for job in args.only if job not in JOBS]
     if unknown:
@@ -520,7 +520,7 @@ def main() -> None:
 
     started = time.perf_counter()
     machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads, torch {torch.__version__}, spikingjelly {version('spikingjelly')}, Python {platform.python_version()}"
-    models = [name for name in args.models.split(",") if name]
+    models = known_names(args.models, ZOO)
     results: list[dict] = []
     for name in models:
         results.append(run_model(name, args))

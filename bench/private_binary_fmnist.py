@@ -33,9 +33,8 @@ from edgesnn.pipeline import BUDGETS, BuildConfig, build, teacher_bytes_fp32
 from edgesnn.privatize import snn_logits, weight_cosines
 from edgesnn.synth import SynthConfig
 from edgesnn.zoo import ZOO
+from common import DATA, ROOT, known_names, require_data
 
-DATA = "/usr/share/datasets/fashion-mnist"
-ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the reference figure)
 
 
@@ -165,10 +164,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
     args = parser.parse_args()
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    require_data()
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep) for name in args.models.split(",") if name]
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep) for name in known_names(args.models, ZOO)]
     cifar = run_cifar(args.budget, args.seed, log) if args.cifar else None
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
     out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}.json"

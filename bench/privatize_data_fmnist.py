@@ -36,8 +36,9 @@ from edgesnn.privatize import privatize, snn_logits, teacher_logits
 from edgesnn.synth import SynthConfig, synthesize
 from edgesnn.zoo import ZOO
 
-DATA = "/usr/share/datasets/fashion-mnist"
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
+from common import DATA, ROOT, known_names, require_data  # noqa: E402
+
 SETTINGS = {
     "session7": {"bn_weight": 1.0, "first_bn_multiplier": 10.0},
     "bn3": {"bn_weight": 3.0, "first_bn_multiplier": 3.0},
@@ -103,14 +104,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privatize_data_fmnist.json")
     args = parser.parse_args()
-    models = [m for m in args.models.split(",") if m]
-    settings = [s for s in args.settings.split(",") if s]
-    for kind, names, known in (("model", models, ZOO), ("setting", settings, SETTINGS)):
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            sys.exit(f"error: unknown {kind}(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    models = known_names(args.models, ZOO)
+    settings = known_names(args.settings, SETTINGS, "setting")
+    require_data()
     missing = [str(args.builds / m / "snn.pt") for m in models if not (args.builds / m / "snn.pt").is_file()]
     if missing:
         sys.exit(f"error: {', '.join(missing)} not found; run bench/private_binary_fmnist.py --keep {args.builds} first")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from edgesnn.pipeline import read_spiking, read_teacher
 from edgesnn.profile import ProfileConfig, profile
 from edgesnn.zoo import FASHION_MNIST_NORMALIZE
 
-DATA = "/usr/share/datasets/fashion-mnist"
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
+from common import DATA, ROOT  # noqa: E402
+
 CONVERTED_T = 32
 
 

@@ -32,6 +32,7 @@ from edgesnn.datasets import load_labelled_images  # noqa: E402
 from edgesnn.pipeline import load_teacher  # noqa: E402
 from edgesnn.synth import SynthConfig, synthesize  # noqa: E402
 from edgesnn.zoo import ZOO  # noqa: E402
+from common import known_names, require_data  # noqa: E402
 
 
 def main() -> None:
@@ -47,12 +48,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "synth_iterations_fmnist.json")
     args = parser.parse_args()
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
-    models = [name for name in args.models.split(",") if name]
-    unknown = [name for name in models if name not in ZOO]
-    if unknown:
-        sys.exit(f"error: unknown model(s) {', '.join(unknown)}; expected some of {', '.join(ZOO)}")
+    require_data()
+    models = known_names(args.models, ZOO)
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     default = SynthConfig(count=args.count, seed=args.seed, bn_weight=1.0, first_bn_multiplier=10.0)  # the default when this probe ran

@@ -44,6 +44,7 @@ from edgesnn.pipeline import load_teacher  # noqa: E402
 from edgesnn.privatize import privatize, teacher_logits  # noqa: E402
 from edgesnn.synth import SynthConfig, synthesize  # noqa: E402
 from edgesnn.zoo import ZOO  # noqa: E402
+from common import known_names, require_data  # noqa: E402
 
 BUDGET = "fast"
 CONVERT_TIMESTEPS = (1, 4, 32)
@@ -203,13 +204,9 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=2, help="--retime: timed passes per recipe")
     parser.add_argument("--smoke", action="store_true", help="1-minute self-check: 256 images, 40 published iterations, tiny training, 500 test images, first model only; writes nothing unless --out is given")
     args = parser.parse_args()
-    if not Path(DATA).is_dir():
-        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+    require_data()
     torch.set_num_threads(args.threads)
-    models = [name for name in args.models.split(",") if name]
-    unknown = [name for name in models if name not in ZOO]
-    if unknown:
-        sys.exit(f"error: unknown model(s) {', '.join(unknown)}; expected some of {', '.join(ZOO)}")
+    models = known_names(args.models, ZOO)
     if args.smoke:
         args.count, args.limit, models = 256, min(args.limit, 500), models[:1]
         if "--out" not in sys.argv:

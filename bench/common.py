@@ -1,0 +1,28 @@
+"""What every bench script starts with: where the data is, and checks of the command line.
+
+The scripts run as ``python bench/<script>.py``, so this folder is on their path
+and they import it as ``common``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DATA = "/usr/share/datasets/fashion-mnist"  # the full Fashion-MNIST set: apt-get install -y dataset-fashion-mnist
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+def require_data() -> None:
+    """Exit with a one-line error where the Fashion-MNIST set is not installed."""
+    if not Path(DATA).is_dir():
+        sys.exit(f"error: {DATA} not found; run `apt-get install -y dataset-fashion-mnist`")
+
+
+def known_names(text: str, known, kind: str = "model") -> list[str]:
+    """The comma-separated names of ``text``; exits with a one-line error naming any not in ``known``."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        sys.exit(f"error: unknown {kind}(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+    return names
