@@ -34,6 +34,7 @@ pixels, or null).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -187,13 +188,40 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.simplefilter("ignore", FutureWarning)
             # Images and membranes share one batch dimension, named once; torch.onnx notes the other names it drops.
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            # The tracer notes each Python branch on a shape; every input and output shares the batch dimension, so none changes with it.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             yield
     finally:
         logger.setLevel(level)
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """Trace ``module`` with torch.export (the dynamo exporter) into an in-memory ONNX model, batch dimension dynamic."""
+    """``module`` as an in-memory ONNX model with a dynamic batch dimension.
+
+    torch.onnx's TorchScript tracer writes these graphs (convolutions, matrix
+    products, comparisons, pooling, adds) in a fraction of a second. The dynamo
+    exporter, torch's default, writes the same model but costs ~3 s a build
+    (importing onnxscript and torch.export, rebuilding its op registry at every
+    call, decompositions): it is the fallback where the tracer fails.
+    """
+    module = module.eval()
+    try:
+        return _export_traced(module, example, input_names, output_names)
+    except Exception:  # noqa: BLE001 — the tracer may fail on graphs the dynamo exporter handles
+        return _export_dynamo(module, example, input_names, output_names)
+
+
+def _export_traced(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """The TorchScript tracer's export, batch dimension dynamic in every input and output."""
+    buffer = io.BytesIO()
+    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+    with _quiet_exporter(), torch.no_grad():
+        torch.onnx.export(module, example, buffer, input_names=input_names, output_names=output_names, opset_version=OPSET, dynamo=False, dynamic_axes=dynamic_axes)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """torch.export (the dynamo exporter) into an in-memory ONNX model, batch dimension dynamic."""
     batch = torch.export.Dim("batch")
     dynamic_shapes = tuple({0: batch} for _ in example)
     if len(example) > 1:  # forward(images, *membranes): the varargs are one entry
@@ -201,7 +229,7 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: l
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
-                module.eval(),
+                module,
                 example,
                 input_names=input_names,
                 output_names=output_names,
