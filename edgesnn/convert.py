@@ -83,7 +83,7 @@ class IFNeuron(nn.Module):
         membrane = torch.ones_like(current[0] if not constant else current) * theta * self.initial_membrane
         # The steps are written into one output tensor and the membrane is updated in place:
         # the same arithmetic as v ← v + I; s = [v ≥ θ]; v ← v − θ·s, without a new tensor per operation.
-        outputs = torch.empty((steps, *membrane.shape), dtype=current.dtype)
+        outputs = torch.empty((steps, *membrane.shape), dtype=current.dtype, device=current.device)
         for step in range(steps):
             membrane.add_(current if constant else current[step])
             spikes = membrane >= theta
