@@ -113,10 +113,14 @@ def _load_config(arch: Optional[str], input_shape: Optional[str], trust_pickle: 
     return LoadConfig(arch=arch, input_shape=parse_input_shape(input_shape) if input_shape else None, trust_pickle=trust_pickle)
 
 
-def _synth_config(count: int, method: str, iterations: Optional[int], batch_size: Optional[int], seed: int):
+def _synth_config(count: int, method: str, iterations: Optional[int], batch_size: Optional[int], seed: int, bn_weight: Optional[float] = None, first_bn_weight: Optional[float] = None):
     from .synth import SynthConfig
 
     config = SynthConfig(count=count, method=method, seed=seed)
+    if bn_weight is not None:
+        config = dataclasses.replace(config, bn_weight=bn_weight)
+    if first_bn_weight is not None:
+        config = dataclasses.replace(config, first_bn_multiplier=first_bn_weight)
     if iterations is not None:
         # A smaller budget also lowers the floor before early stopping.
         config = dataclasses.replace(config, iterations=iterations, min_iterations=min(config.min_iterations, iterations))
@@ -141,6 +145,11 @@ COUNT = typer.Option(2048, "--count", min=1, help="Synthetic images to generate 
 METHOD = typer.Option("auto", "--method", help="Synthesis: auto, deepinversion (nets with BatchNorm) or data_impression.")
 ITERATIONS = typer.Option(None, "--iterations", min=1, help="Maximum optimisation steps per synthetic batch (default: synth's).")
 SYNTH_BATCH = typer.Option(None, "--synth-batch", min=1, help="Images optimised together (default: synth's).")
+BN_WEIGHT = typer.Option(
+    None, "--bn-weight", min=0.0,
+    help="DeepInversion: weight of the BatchNorm-statistics term (default 1). 10 with --first-bn-weight 1 is the published CIFAR-10 weighting: +12 points private T=1 on the zoo ResNet, fewer 1-bit layers on the VGG (BENCHMARKS.md).",
+)
+FIRST_BN_WEIGHT = typer.Option(None, "--first-bn-weight", min=0.0, help="DeepInversion: extra factor on the first BatchNorm layer's term (default 10).")
 TIMESTEPS_T = typer.Option(32, "--timesteps", min=1, help="Default number of SNN timesteps T.")
 THRESHOLD_MODE = typer.Option("percentile", "--threshold-mode", help=f"Threshold calibration: {' or '.join(THRESHOLD_MODES)}.")
 PERCENTILE = typer.Option(99.9, "--percentile", help="Percentile of positive activations used as threshold (mode percentile).")
@@ -215,6 +224,8 @@ def synth_command(
     method: str = METHOD,
     iterations: Optional[int] = ITERATIONS,
     synth_batch: Optional[int] = SYNTH_BATCH,
+    bn_weight: Optional[float] = BN_WEIGHT,
+    first_bn_weight: Optional[float] = FIRST_BN_WEIGHT,
     seed: int = SEED,
     arch: Optional[str] = ARCH,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -225,7 +236,7 @@ def synth_command(
     from .pipeline import load_teacher, synthesize_to
 
     teacher = load_teacher(model, _load_config(arch, input_shape, trust_pickle))
-    config = _synth_config(count, method, iterations, synth_batch, seed)
+    config = _synth_config(count, method, iterations, synth_batch, seed, bn_weight, first_bn_weight)
     with _Bars() as bars:
         synthetic = synthesize_to(teacher, config, out, bars)
     document = {"method": synthetic.method, "images": len(synthetic.labels), "out": str(out), **synthetic.metrics}
@@ -540,6 +551,8 @@ def build_command(
     method: str = METHOD,
     iterations: Optional[int] = ITERATIONS,
     synth_batch: Optional[int] = SYNTH_BATCH,
+    bn_weight: Optional[float] = BN_WEIGHT,
+    first_bn_weight: Optional[float] = FIRST_BN_WEIGHT,
     timesteps: Optional[int] = typer.Option(None, "--timesteps", min=1, help="T of the final model: default 32 for a converted SNN, 1 with --private."),
     coding: str = typer.Option("direct", "--coding", help="Input coding during temporal retraining (T>1): direct or rate (Bernoulli spikes)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=0, help="With --private: training steps at the final T (default: the budget's; T>1 phases get a tenth each)."),
@@ -604,7 +617,7 @@ def build_command(
         config = BuildConfig(
             model=model,
             load=_load_config(arch, input_shape, trust_pickle),
-            synth=_synth_config(count if count is not None else preset.synth_count, method, iterations, synth_batch, seed),
+            synth=_synth_config(count if count is not None else preset.synth_count, method, iterations, synth_batch, seed, bn_weight, first_bn_weight),
             convert=_convert_config(convert_timesteps, threshold_mode, percentile, per_channel, bias_correction, initial_membrane, seed),
             privatize=privatize_config,
             binarize=binarize_config,

@@ -104,6 +104,17 @@ def test_synth_and_convert_commands_chain(tmp_path: Path) -> None:
     assert (tmp_path / "snn.pt").is_file()
 
 
+def test_synth_takes_the_batchnorm_weighting(tmp_path: Path) -> None:
+    from edgesnn.pipeline import read_synthetic
+
+    result = invoke("synth", "fmnist_resnet8", "--out", str(tmp_path), "--count", "20", "--iterations", "4", "--bn-weight", "10", "--first-bn-weight", "1", "--json")
+    assert result.exit_code == 0, result.output
+    config = read_synthetic(tmp_path / "synthetic.npz").config
+    assert (config["bn_weight"], config["first_bn_multiplier"]) == (10.0, 1.0)
+    result = invoke("synth", "fmnist_resnet8", "--out", str(tmp_path / "bad"), "--bn-weight", "-1")
+    assert result.exit_code == 2 and not (tmp_path / "bad").exists()
+
+
 # -- bad input: one line on stderr, exit 1, nothing written -------------------
 
 
