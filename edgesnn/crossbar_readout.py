@@ -207,6 +207,7 @@ def _cached_path(compiler: str) -> str | None:
 def _keep(built: str, cached: str) -> None:
     """Copy the built library into the cache under a temporary name and rename it into place
     (atomic: a process that loads it concurrently sees the whole file or none)."""
+    partial = None
     try:
         os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".so.partial")
@@ -214,7 +215,9 @@ def _keep(built: str, cached: str) -> None:
         shutil.copyfile(built, partial)
         os.replace(partial, cached)
     except OSError:
-        pass  # no cache: the next process compiles again
+        # No cache: the next process compiles again; a half-copied file is not left behind.
+        if partial is not None and os.path.exists(partial):
+            os.remove(partial)
 
 
 def _compile() -> ctypes.CDLL | None:
