@@ -11,7 +11,9 @@ conversion is the same in every row, so the rows differ only in the images:
 
 - session7: DeepInversion with the SynthConfig default of session 7 (BN weight 1, ×10 on the first BN layer);
 - bn3: BN weight 3, ×3 on the first layer;
-- bn10: BN weight 10, every layer alike (the published CIFAR-10 weighting; now the default);
+- bn10: BN weight 10, every layer alike (the published CIFAR-10 weighting);
+- mix: half the images with the session7 weighting, half with bn10 (two runs, seeds seed and seed+1;
+  the SynthConfig default since session 9 does the same in one run);
 - bn10-long: bn10 with 256 iterations per image (at least 192);
 - real: the first --count REAL training images with the teacher's labels. Not data-free:
   it is the ceiling that the synthetic rows are measured against, never a build option.
@@ -40,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: ben
 from common import DATA, ROOT, known_names, require_data  # noqa: E402
 
 SETTINGS = {
-    "session7": {"bn_weight": 1.0, "first_bn_multiplier": 10.0},
-    "bn3": {"bn_weight": 3.0, "first_bn_multiplier": 3.0},
-    "bn10": {"bn_weight": 10.0, "first_bn_multiplier": 1.0},
-    "bn10-long": {"bn_weight": 10.0, "first_bn_multiplier": 1.0, "iterations": 256, "min_iterations": 192},
+    "session7": {"bn_weightings": ((1.0, 10.0),)},
+    "bn3": {"bn_weightings": ((3.0, 3.0),)},
+    "bn10": {"bn_weightings": ((10.0, 1.0),)},
+    "bn10-long": {"bn_weightings": ((10.0, 1.0),), "iterations": 256, "min_iterations": 192},
+    "mix": ("session7", "bn10"),
     "real": None,
 }
 
@@ -55,6 +58,13 @@ def training_images(name: str, setting: str, teacher, count: int, seed: int) -> 
         images = torch.from_numpy(real.images)
         logits = teacher_logits(teacher, images)
         return SyntheticSet(images, logits.argmax(1), logits, "real", {}), {}
+    if isinstance(SETTINGS[setting], tuple):
+        halves = [training_images(name, part, teacher, count // 2 + (count % 2) * (i == 0), seed + i) for i, part in enumerate(SETTINGS[setting])]
+        sets = [half for half, _ in halves]
+        mixed = SyntheticSet(
+            torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), torch.cat([s.teacher_logits for s in sets]), sets[0].method, {}, {}
+        )
+        return mixed, {f"{part}_{key}": value for (_, figures), part in zip(halves, SETTINGS[setting]) for key, value in figures.items()}
     synthetic = synthesize(teacher, SynthConfig(count=count, seed=seed, **SETTINGS[setting]))
     keep = ("target_agreement", "bn_error", "diversity", "iterations_mean", "seconds")
     return synthetic, {k: round(float(synthetic.metrics[k]), 4) for k in keep if k in synthetic.metrics}

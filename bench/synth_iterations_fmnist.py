@@ -52,8 +52,8 @@ def main() -> None:
     models = known_names(args.models, ZOO)
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    default = SynthConfig(count=args.count, seed=args.seed, bn_weight=1.0, first_bn_multiplier=10.0)  # the default when this probe ran
-    longer = dataclasses.replace(default, iterations=args.iterations, min_iterations=args.min_iterations, bn_weight=args.bn_weight, first_bn_multiplier=args.first_bn_multiplier)
+    default = SynthConfig(count=args.count, seed=args.seed, bn_weightings=((1.0, 10.0),))  # the default when this probe ran
+    longer = dataclasses.replace(default, iterations=args.iterations, min_iterations=args.min_iterations, bn_weightings=((args.bn_weight, args.first_bn_multiplier),))
     results = []
     for name in models:
         teacher = load_teacher(name)

@@ -61,8 +61,7 @@ def recipes(count: int, seed: int, smoke: bool) -> dict[str, SynthConfig]:
         min_iterations=iterations,  # no early stop: every image gets all iterations
         lr=0.05,
         seed=seed,
-        bn_weight=10.0,
-        first_bn_multiplier=1.0,  # the CIFAR script weights every BN layer alike (the ImageNet one uses 10 on the first)
+        bn_weightings=((10.0, 1.0),),  # weight 10; the CIFAR script weights every BN layer alike (the ImageNet one uses 10 on the first)
         tv_weight=2.5e-5,
         l2_weight=0.0,
         jitter=2,

@@ -6,10 +6,11 @@ Every process runs the same build and joins one process group (``env://``:
 torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT). The work is split
 where it is heavy:
 
-- synthesis: rank r optimises the r-th contiguous share of the class-balanced
-  label list (every share stays class-balanced: the list is interleaved
-  0, 1, …, K−1, 0, 1, …) from its own seed, and the shares are gathered in rank
-  order, so every rank holds the whole set;
+- synthesis: the images are made in work units that do not depend on the
+  number of processes (``edgesnn.synth``: chunks of the class-balanced label
+  list, each optimised in its own pool from its own seed); rank r makes units
+  r, r + W, … and the units are summed into the whole set on every rank, the
+  same images as one process makes;
 - retraining (privatize, binarize): every rank draws the same global batch from
   the same seeded generator and trains on its contiguous share of the rows
   under ``DistributedDataParallel``, which averages the gradients: with equal
@@ -135,17 +136,13 @@ def share(count: int) -> slice:
     return slice(index * count // size, (index + 1) * count // size)
 
 
-def gather_shares(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """Every rank's share (``share(count)`` rows, this rank's is ``tensor``) concatenated in rank order, on every rank."""
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all ranks, on every rank (rows each filled on one rank: all of them)."""
     if not active():
         return tensor
-    size = world_size()
-    sizes = [(index + 1) * count // size - index * count // size for index in range(size)]
-    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype)
-    padded[: len(tensor)] = tensor.cpu()
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
+    total = tensor.cpu().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def broadcast_bytes(data: bytes | None) -> bytes:
@@ -178,4 +175,4 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-__all__ = ["active", "broadcast_bytes", "broadcast_flag", "gather_shares", "is_main", "joined", "launched", "rank", "share", "start", "stop", "world_size", "wrap"]
+__all__ = ["active", "broadcast_bytes", "broadcast_flag", "is_main", "joined", "launched", "rank", "share", "start", "stop", "sum_over_ranks", "world_size", "wrap"]

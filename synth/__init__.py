@@ -27,7 +27,8 @@ from .quality import batchnorm_layers, last_linear, measure
 __all__ = ["METHODS", "SynthConfig", "encode_png", "invert", "preview_png", "synthesize"]
 
 METHODS = ("auto", "deepinversion", "data_impression")
-RANK_SEED_STRIDE = 1_000_003  # under torchrun, rank r draws its noise, jitter and flips from seed + r·stride
+UNIT_SEED_STRIDE = 1_000_003  # work unit u draws its noise, jitter and flips from seed + u·stride
+UNIT_BATCHES = 4  # a work unit is at most this many pool batches of images (4 × 128 = 512 by default)
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,13 @@ class SynthConfig:
     min_iterations: int = 32  # fewest before an image may stop: DeepInversion once confident, Data Impression once argmax is its class
     lr: float = 0.2  # Adam learning rate at the start of each image's cosine schedule (normalised input space)
     seed: int = 0  # seeds noise, jitter, flips and soft targets: same seed and config, same images (same machine and threads)
-    # a_bn and m_1 of the BN statistics term (DeepInversion). bn_weight=10, first_bn_multiplier=1 (the published
-    # CIFAR-10 weighting) lifts the zoo ResNet's private T=1 accuracy by 12 points at the standard budget, but costs
-    # the VGG half its 1-bit layers and lowered two-process torchrun builds at small counts, so it is not the
-    # default yet (BENCHMARKS.md, private_binary_fmnist, session 8).
-    bn_weight: float = 1.0  # a_bn, weight of the BN statistics term
-    first_bn_multiplier: float = 10.0  # m_l of the first BN layer in forward order (others 1)
+    # DeepInversion's BN statistics term, as (a_bn, m_1) pairs: a_bn its weight, m_1 an extra factor on the first BN
+    # layer in forward order. The images are split evenly among the pairs (in order), each share optimised in its
+    # own pool. The default mixes edgesnn's earlier weighting (1, ×10 first layer: confident, easy images) with the
+    # published CIFAR-10 one (10, every layer alike: harder, more varied images). On the zoo ResNet the mix lifts
+    # private T=1 from 60.2 to 74.1 (10 alone: 76.3); on the VGG it costs 0.5 (86.8 → 86.4; 10 alone: 86.1)
+    # (BENCHMARKS.md, private_binary_fmnist, sessions 8 and 9).
+    bn_weightings: tuple[tuple[float, float], ...] = ((1.0, 10.0), (10.0, 1.0))
     tv_weight: float = 1e-2  # a_tv, weight of the total variation prior (mean squared neighbour difference)
     l2_weight: float = 0.0  # a_l2, weight of the mean squared pixel value prior
     jitter: int = 2  # random roll of up to this many pixels each step
@@ -74,8 +76,6 @@ def _check_config(config: SynthConfig) -> None:
         raise SynthError(f"config jitter={config.jitter!r}: expected a non-negative integer")
     checks = {
         "lr": config.lr > 0,
-        "bn_weight": config.bn_weight >= 0,
-        "first_bn_multiplier": config.first_bn_multiplier >= 0,
         "tv_weight": config.tv_weight >= 0,
         "l2_weight": config.l2_weight >= 0,
         "warm_start_fraction": 0 <= config.warm_start_fraction < 1,
@@ -94,8 +94,22 @@ def _check_config(config: SynthConfig) -> None:
         value = getattr(config, name)
         if not ok or not math.isfinite(value):
             raise SynthError(f"config {name}={value!r}: expected a finite number {expected.get(name, '>= 0')}")
+    weightings = config.bn_weightings
+    if not weightings or not all(len(pair) == 2 and all(math.isfinite(v) and v >= 0 for v in pair) for pair in weightings):
+        raise SynthError(f"config bn_weightings={weightings!r}: expected one or more (bn weight, first-layer factor) pairs of finite numbers >= 0")
     if not config.dirichlet_betas or not all(b > 0 and math.isfinite(b) for b in config.dirichlet_betas):
         raise SynthError(f"config dirichlet_betas={config.dirichlet_betas!r}: expected one or more finite numbers > 0")
+
+
+def _units(count: int, parts: int, size: int) -> list[tuple[slice, int]]:
+    """Work units (rows, part): ``range(count)`` cut into ``parts`` contiguous parts as even as can be,
+    each cut into as few even chunks of at most ``size`` rows as it takes."""
+    units = []
+    for part in range(parts):
+        start, stop = part * count // parts, (part + 1) * count // parts
+        chunks = -(-(stop - start) // size)
+        units += [(slice(start + k * (stop - start) // chunks, start + (k + 1) * (stop - start) // chunks), part) for k in range(chunks)]
+    return units
 
 
 def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: Progress = no_progress, device: str | torch.device = "cpu") -> SyntheticSet:
@@ -137,19 +151,33 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     if config.count < distributed.world_size():
         raise SynthError(f"config count={config.count}: fewer images than the {distributed.world_size()} torchrun processes sharing them")
-    # Under torchrun each rank makes its share of the (interleaved, so still class-balanced)
-    # label list from its own seed; the shares are gathered in rank order.
-    generator = torch.Generator().manual_seed(config.seed + RANK_SEED_STRIDE * distributed.rank())
+    # The images are made in work units that do not depend on how many processes share them:
+    # each weighting's part of the (interleaved, so class-balanced) label list is cut into
+    # chunks of at most UNIT_BATCHES pools, each optimised in its own pool from its own seed.
+    # Under torchrun rank r makes units r, r + W, …; so N processes make the very images one
+    # process makes, only faster.
     labels = class_balanced_labels(config.count, num_classes).to(device)
-    mine = labels[distributed.share(config.count)]
-    progress("synth", 0, len(mine))
+    units = _units(config.count, len(config.bn_weightings) if method == "deepinversion" else 1, UNIT_BATCHES * config.batch_size)
+    mine = [index for index in range(len(units)) if index % distributed.world_size() == distributed.rank()]
+    total = sum(units[index][0].stop - units[index][0].start for index in mine)
+    progress("synth", 0, total)
+    images = torch.zeros((config.count, *input_shape))
+    iterations = torch.zeros(config.count, dtype=torch.long)
+    done = 0
     with frozen(network):
-        if method == "deepinversion":
-            result = deepinversion.synthesize_images(network, mine, input_shape, teacher.normalize, config, generator, progress)
-        else:
-            result = data_impression.synthesize_images(network, classifier, mine, input_shape, teacher.normalize, config, generator, progress)
-        images = distributed.gather_shares(result.images.detach().float().cpu(), config.count).to(device)
-        iterations = distributed.gather_shares(result.iterations.cpu(), config.count)
+        for index in mine:
+            rows, part = units[index]
+            generator = torch.Generator().manual_seed(config.seed + UNIT_SEED_STRIDE * index)
+            step = lambda task, finished, count, before=done: progress(task, before + finished, total)  # noqa: E731
+            if method == "deepinversion":
+                result = deepinversion.synthesize_images(network, labels[rows], input_shape, teacher.normalize, config, config.bn_weightings[part], generator, step)
+            else:
+                result = data_impression.synthesize_images(network, classifier, labels[rows], input_shape, teacher.normalize, config, generator, step)
+            images[rows] = result.images.detach().float().cpu()
+            iterations[rows] = result.iterations.cpu()
+            done += rows.stop - rows.start
+        images = distributed.sum_over_ranks(images).to(device)  # each row is filled on one rank, zero on the others
+        iterations = distributed.sum_over_ranks(iterations)
         quality = measure(network, images, labels)
     seconds = time.perf_counter() - started
     metrics = {

@@ -5,8 +5,8 @@ A batch x̂ (in the teacher's normalised input space) is optimised with Adam on
     L(x̂) = CE(f(x̂), y) + a_bn · Σ_l m_l (‖μ_l(x̂) − μ_l‖₂ + ‖σ²_l(x̂) − σ²_l‖₂) + a_tv · TV(x̂) + a_l2 · ‖x̂‖²
 
 where μ_l(x̂), σ²_l(x̂) are the batch statistics of the input of BN layer l,
-μ_l, σ²_l its running statistics, and m_l = ``first_bn_multiplier`` for the first
-BN layer in forward order, 1 for the others. Each step sees a random jitter
+μ_l, σ²_l its running statistics, and m_l = m_1 for the first BN layer in forward
+order, 1 for the others; (a_bn, m_1) is one of ``SynthConfig.bn_weightings``. Each step sees a random jitter
 (a roll of up to ``jitter`` pixels) and a random horizontal flip.
 
 The published recipe (2k iterations per batch) costs seconds per image on a CPU.
@@ -226,6 +226,7 @@ def optimise_images(
     generator: torch.Generator,
     progress: Progress,
     batchnorm: BatchNormMatching | None = None,
+    bn_weight: float = 0.0,
 ) -> PoolResult:
     """Optimise ``len(targets)`` images through a pool of ``batch_size`` slots (see module docstring).
 
@@ -315,7 +316,7 @@ def optimise_images(
             per_image = per_image + config.l2_weight * x.square().flatten(1).mean(1)
         loss = (per_image * active).sum() / slots
         if batchnorm is not None:
-            loss = loss + config.bn_weight * batchnorm.take_loss()
+            loss = loss + bn_weight * batchnorm.take_loss()
         gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
 
         with torch.no_grad():
@@ -369,13 +370,14 @@ def synthesize_images(
     input_shape: tuple[int, int, int],
     normalize: Normalize | None,
     config: SynthConfig,
+    weighting: tuple[float, float],
     generator: torch.Generator,
     progress: Progress,
 ) -> PoolResult:
-    """DeepInversion images for ``labels`` (see module docstring); the network must be frozen and have BN layers."""
-
-    batchnorm = BatchNormMatching(network, config.first_bn_multiplier)
+    """DeepInversion images for ``labels`` with BN weighting (a_bn, m_1) (see module docstring); the network must be frozen and have BN layers."""
+    bn_weight, first_multiplier = weighting
+    batchnorm = BatchNormMatching(network, first_multiplier)
     try:
-        return optimise_images(network, labels, input_shape, normalize, config, class_objective(config), generator, progress, batchnorm)
+        return optimise_images(network, labels, input_shape, normalize, config, class_objective(config), generator, progress, batchnorm, bn_weight)
     finally:
         batchnorm.remove()

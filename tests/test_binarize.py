@@ -59,6 +59,31 @@ def test_a_step_over_budget_is_undone(one_step, resnet_teacher, resnet_synthetic
     assert accepted == {node.name for node in model.graph.weighted() if node.attrs["weight_format"] == "binary"}
 
 
+def test_fine_tuning_that_makes_a_step_worse_is_not_kept(one_step, resnet_teacher, resnet_synthetic, monkeypatch) -> None:
+    import dataclasses
+
+    import edgesnn.binarize as stage
+
+    train_spiking = stage.train_spiking
+
+    def wrecking_trials(model, *args, **kwargs):
+        trained, figures = train_spiking(model, *args, **kwargs)
+        if args[8].startswith("bin"):  # the fine-tuning after a layer is binarized: flip every weight's sign
+            graph = trained.graph.copy()
+            for node in graph.weighted():
+                node.params["weight"] = -node.params["weight"]
+            trained = dataclasses.replace(trained, graph=graph)
+        return trained, figures
+
+    monkeypatch.setattr(stage, "train_spiking", wrecking_trials)
+    config = BinarizeConfig(max_loss=100.0, binary_fraction=0.001, step_steps=2, final_steps=0, holdout=0.2)
+    metrics = binarize(one_step, resnet_teacher, resnet_synthetic, config).metrics["binarize"]
+    (step,) = metrics["steps"]
+    assert step["accepted"] and not step["fine_tuning_kept"]
+    assert step["agreement_after"] == pytest.approx(metrics["agreement_int8"] - step["agreement_drop"] / 100, abs=1e-3)
+    assert metrics["agreement_final"] == pytest.approx(step["agreement_after"], abs=1e-3)  # what the untuned step reached
+
+
 def test_weight_error_of_binary_and_int8_quantizers() -> None:
     weight = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     assert weight_error(binary_weight(weight)) == pytest.approx(0.0, abs=1e-6)

@@ -110,7 +110,7 @@ def test_synth_takes_the_batchnorm_weighting(tmp_path: Path) -> None:
     result = invoke("synth", "fmnist_resnet8", "--out", str(tmp_path), "--count", "20", "--iterations", "4", "--bn-weight", "10", "--first-bn-weight", "1", "--json")
     assert result.exit_code == 0, result.output
     config = read_synthetic(tmp_path / "synthetic.npz").config
-    assert (config["bn_weight"], config["first_bn_multiplier"]) == (10.0, 1.0)
+    assert [list(pair) for pair in config["bn_weightings"]] == [[10.0, 1.0]]  # one weighting for all, not the default mix
     result = invoke("synth", "fmnist_resnet8", "--out", str(tmp_path / "bad"), "--bn-weight", "-1")
     assert result.exit_code == 2 and not (tmp_path / "bad").exists()
 

@@ -125,6 +125,17 @@ def test_deepinversion_matches_batchnorm_statistics_better_than_noise(zoo_resnet
     assert deepinversion_set.metrics["bn_error"] < 0.5 * noise_error
 
 
+def test_each_share_of_the_images_gets_its_own_batchnorm_weighting(zoo_resnet):
+    """The images split evenly among ``bn_weightings``, in order; a share made without the BN
+    term matches the running statistics far worse than a share made with it."""
+    config = dataclasses.replace(QUICK_DEEPINVERSION, count=80, bn_weightings=((0.0, 0.0), (10.0, 1.0)))
+    synthetic = synthesize(zoo_resnet, config)
+    assert torch.bincount(synthetic.labels[:40], minlength=10).tolist() == [4] * 10  # each share is class-balanced
+    without, with_bn = (measure(zoo_resnet.network, synthetic.images[part], synthetic.labels[part]).bn_error for part in (slice(0, 40), slice(40, 80)))
+    assert with_bn < 0.7 * without, (with_bn, without)
+    assert [list(pair) for pair in synthetic.config["bn_weightings"]] == [[0.0, 0.0], [10.0, 1.0]]
+
+
 def test_deepinversion_images_stay_valid_pixels(deepinversion_set):
     (mean,), (std,) = NORMALIZE
     pixels = deepinversion_set.images * std + mean
@@ -138,6 +149,17 @@ def test_metrics_and_config_are_recorded(deepinversion_set):
     assert QUICK_DEEPINVERSION.min_iterations <= metrics["iterations_mean"] <= QUICK_DEEPINVERSION.iterations
     assert 0 < metrics["diversity"] < 2
     assert deepinversion_set.config == dataclasses.asdict(QUICK_DEEPINVERSION)
+
+
+def test_work_units_cover_every_image_once_in_even_chunks():
+    from edgesnn.synth import _units
+
+    assert _units(320, 2, 512) == [(slice(0, 160), 0), (slice(160, 320), 1)]
+    units = _units(2100, 2, 512)
+    assert [part for _, part in units] == [0, 0, 0, 1, 1, 1]
+    assert [rows.stop - rows.start for rows, _ in units] == [350, 350, 350, 350, 350, 350]
+    assert [index for rows, _ in units for index in range(rows.start, rows.stop)] == list(range(2100))
+    assert _units(3, 2, 512) == [(slice(0, 1), 0), (slice(1, 3), 1)]
 
 
 def test_class_balance():
@@ -233,6 +255,8 @@ def _not_batchnorm_linear_free() -> nn.Module:
         (SynthConfig(jitter=-1), "bn", "jitter"),
         (SynthConfig(temperature=0.0), "bn", "temperature"),
         (SynthConfig(dirichlet_betas=()), "bn", "dirichlet_betas"),
+        (SynthConfig(bn_weightings=()), "bn", "bn_weightings"),
+        (SynthConfig(bn_weightings=((10.0, -1.0),)), "bn", "bn_weightings"),
         (SynthConfig(method="deepinversion"), "no_bn", "no BatchNorm"),
         (SynthConfig(method="data_impression"), "no_linear", "no nn.Linear"),
     ],
