@@ -65,7 +65,7 @@ from .crossbar_readout import mix64, readout
 from .errors import EdgeSNNError
 from torch.nn.modules.utils import _pair
 
-from .graph import OPS, GraphNetwork, Node, _broadcast_time, module_key
+from .graph import GraphNetwork, Node, _broadcast_time, module_key
 
 TILE_SIZES = (64, 128, 256)
 SAMPLES_PER_CALL = 200  # images × trials × T per simulation call: small enough to stay in cache

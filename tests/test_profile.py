@@ -17,7 +17,6 @@ from edgesnn.cli import app
 from edgesnn.convert import ConvertConfig, SpikingNetwork, convert
 from edgesnn.crossbar import CrossbarConfig, CrossbarError, crossbar_logits, mapping_summary, monte_carlo
 from edgesnn.profile import OP_CLASSES, TARGETS, ProfileConfig, ProfileError, count_ann, count_snn, load_target, profile, report_markdown
-from edgesnn.zoo import FASHION_MNIST_NORMALIZE
 
 
 class Small(nn.Module):
