@@ -42,8 +42,9 @@ class BinarizeConfig:
     """Greedy per-layer binarization within an agreement budget."""
 
     # Agreement points (on the held-out synthetic split) binarization may cost. 6, not 3: on the zoo models at the
-    # standard budget 6 made 24-48% more of the weights 1-bit for 0.9-1.3 points of real accuracy (BENCHMARKS.md,
-    # private_binary_fmnist, session 9); the mixed synthetic images are harder to agree on than real ones.
+    # standard budget 6 made 24-48% more of the weights 1-bit for 0.9-1.3 points of real accuracy; the mixed
+    # synthetic images are harder to agree on than real ones. How synthetic points map to real ones varies with the
+    # set: another ResNet set went to 87% 1-bit for 12.9 points (BENCHMARKS.md, private_binary_fmnist, session 9).
     max_loss: float = 6.0
     binary_fraction: float | None = None  # stop once this share of all conv/linear weights is 1-bit; None: as many as fit
     keep_first_last: bool = True  # first and last conv/linear layers stay int8
