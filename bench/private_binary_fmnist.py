@@ -1,6 +1,7 @@
 """Benchmark: `edgesnn build --private --binary` on the zoo teachers, measured on the full Fashion-MNIST test set.
 
     .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar] [--keep bench/builds]
+        [--vary synth_count=4096,final_steps=1200]
 
 For each zoo model, one build with the chosen budget (the same stages and
 configuration as the CLI), then on the test set: the teacher; the converted SNN
@@ -11,11 +12,14 @@ per stage. With --cifar, also a CIFAR-sized ResNet-20 (3×32×32, random weights
 option-A shortcuts) for time and memory only. The build never reads the test
 set: it is read afterwards, by this script. Prints a Markdown table for
 BENCHMARKS.md and writes the raw figures to bench/results/private_binary_<budget>.json.
+--vary changes some of the budget's iteration counts for a probe (the figures then
+go to private_binary_<budget>_varied.json); the CLI's budgets stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -38,9 +42,9 @@ from common import DATA, ROOT, known_names, require_data
 PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the issue's reference figure)
 
 
-def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0) -> BuildConfig:
-    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs."""
-    preset = BUDGETS[budget]
+def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0, vary: dict | None = None) -> BuildConfig:
+    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs (with ``vary``: some of the budget's counts changed)."""
+    preset = dataclasses.replace(BUDGETS[budget], **(vary or {}))
     privatize = preset.privatize_config(seed=seed)
     binarize = preset.binarize_config(seed=seed)
     return BuildConfig(
@@ -58,12 +62,12 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, timesteps: int) 
     return float((snn_logits(model, images, timesteps).argmax(1) == labels).float().mean())
 
 
-def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None) -> dict:
+def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None) -> dict:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         # A kept build is rebuilt from scratch (force): the timings are the point.
-        result = build(build_config(name, budget, seed=seed), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
+        result = build(build_config(name, budget, seed=seed, vary=vary), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
         build_seconds = round(time.perf_counter() - started, 1)
     test = load_labelled_images(DATA, "test", entry.normalize, limit)
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
@@ -77,6 +81,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     row = {
         "model": name,
         "budget": budget,
+        "vary": vary or {},
         "build_seconds": build_seconds,
         "teacher_accuracy": teacher_accuracy,
         "converted_t1_accuracy": accuracy(converted, images, labels, 1),
@@ -103,7 +108,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     return row
 
 
-def run_cifar(budget: str, seed: int, log) -> dict:
+def run_cifar(budget: str, seed: int, log, vary: dict | None = None) -> dict:
     """A CIFAR-sized ResNet-20 (random weights): time and peak RSS per stage only."""
     sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
     from resnet_lambda import resnet20  # noqa: E402
@@ -114,11 +119,12 @@ def run_cifar(budget: str, seed: int, log) -> dict:
         torch.save(resnet20().state_dict(), checkpoint)
         load = LoadConfig(arch=f"{ROOT / 'tests' / 'fixtures' / 'resnet_lambda.py'}:resnet20", input_shape=(3, 32, 32))
         started = time.perf_counter()
-        result = build(build_config(str(checkpoint), budget, load, seed), Path(folder) / "out", progress=lambda *a: None, log=log)
+        result = build(build_config(str(checkpoint), budget, load, seed, vary), Path(folder) / "out", progress=lambda *a: None, log=log)
         seconds = round(time.perf_counter() - started, 1)
     row = {
         "model": "cifar_resnet20 (random weights)",
         "budget": budget,
+        "vary": vary or {},
         "build_seconds": seconds,
         "binary_fraction": round(binary_share(result.model), 5),
         "size_ratio": round(teacher_bytes_fp32(result.teacher) / model_bytes(result.model), 2),
@@ -154,6 +160,18 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
     return "\n".join(lines)
 
 
+def parse_vary(text: str, parser: argparse.ArgumentParser) -> dict[str, int]:
+    """``KEY=VALUE,...`` of ``--vary`` as Budget fields; a usage error for an unknown field or a value that is not a positive integer."""
+    fields = {field.name for field in dataclasses.fields(BUDGETS["standard"])}
+    vary = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or not value.isdigit() or int(value) <= 0:
+            parser.error(f"--vary {item}: expected FIELD=N with N a positive integer and FIELD one of {', '.join(sorted(fields))}")
+        vary[key] = int(value)
+    return vary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO))
@@ -163,16 +181,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
+    parser.add_argument("--vary", default="", help="change some of the budget's counts, e.g. synth_count=4096,final_steps=1200 (a probe, not the CLI's budget)")
     args = parser.parse_args()
     require_data()
+    vary = parse_vary(args.vary, parser)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep) for name in known_names(args.models, ZOO)]
-    cifar = run_cifar(args.budget, args.seed, log) if args.cifar else None
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary) for name in known_names(args.models, ZOO)]
+    cifar = run_cifar(args.budget, args.seed, log, vary) if args.cifar else None
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
-    out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}.json"
+    out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}{'_varied' if vary else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "limit": args.limit, "results": rows, "cifar": cifar}, indent=2) + "\n")
-    print(f"private_binary_fmnist ({args.budget}) — {time.strftime('%Y-%m-%d')}, {machine}, {args.limit} test images\n")
+    budget = args.budget + "".join(f", {key}={value}" for key, value in vary.items())
+    print(f"private_binary_fmnist ({budget}) — {time.strftime('%Y-%m-%d')}, {machine}, {args.limit} test images\n")
     print(markdown(rows, cifar, args.limit))
 
 
