@@ -28,6 +28,7 @@ __all__ = ["METHODS", "SynthConfig", "encode_png", "invert", "preview_png", "syn
 
 METHODS = ("auto", "deepinversion", "data_impression")
 UNIT_SEED_STRIDE = 1_000_003  # work unit u draws its noise, jitter and flips from seed + u·stride
+BOUNDARY_SEED_OFFSET = 7_777  # the boundary targets are drawn from seed + this
 UNIT_BATCHES = 4  # a work unit is at most this many pool batches of images (4 × 128 = 512 by default)
 
 
@@ -49,6 +50,9 @@ class SynthConfig:
     # private T=1 from 60.2 to 74.1 (10 alone: 76.3); on the VGG it costs 0.5 (86.8 → 86.4; 10 alone: 86.1)
     # (BENCHMARKS.md, private_binary_fmnist, sessions 8 and 9).
     bn_weightings: tuple[tuple[float, float], ...] = ((1.0, 10.0), (10.0, 1.0))
+    # Share of DeepInversion images aimed at a two-class soft target λ·label + (1 − λ)·(a class the teacher finds
+    # alike), λ ~ U(0.5, 1), instead of their label alone: images near the teacher's decision boundaries.
+    boundary_share: float = 0.0
     tv_weight: float = 1e-2  # a_tv, weight of the total variation prior (mean squared neighbour difference)
     l2_weight: float = 0.0  # a_l2, weight of the mean squared pixel value prior
     jitter: int = 2  # random roll of up to this many pixels each step
@@ -80,6 +84,7 @@ def _check_config(config: SynthConfig) -> None:
         "l2_weight": config.l2_weight >= 0,
         "warm_start_fraction": 0 <= config.warm_start_fraction < 1,
         "stop_confidence": 0 < config.stop_confidence <= 1,
+        "boundary_share": 0 <= config.boundary_share <= 1,
         "temperature": config.temperature > 0,
         "similarity_epsilon": config.similarity_epsilon > 0,
     }
@@ -87,6 +92,7 @@ def _check_config(config: SynthConfig) -> None:
         "lr": "> 0",
         "warm_start_fraction": "in [0, 1)",
         "stop_confidence": "in (0, 1]",
+        "boundary_share": "in [0, 1]",
         "temperature": "> 0",
         "similarity_epsilon": "> 0",
     }
@@ -157,6 +163,11 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
     # Under torchrun rank r makes units r, r + W, …; so N processes make the very images one
     # process makes, only faster.
     labels = class_balanced_labels(config.count, num_classes).to(device)
+    # Drawn for the whole set from the seed alone, so that every process draws the same targets.
+    boundary = None
+    if method == "deepinversion" and config.boundary_share > 0:
+        similarity = data_impression.class_similarity(classifier, config.similarity_epsilon) if classifier is not None and classifier.out_features == num_classes else None
+        boundary = deepinversion.boundary_targets(labels, similarity, config.boundary_share, torch.Generator().manual_seed(config.seed + BOUNDARY_SEED_OFFSET))
     units = _units(config.count, len(config.bn_weightings) if method == "deepinversion" else 1, UNIT_BATCHES * config.batch_size)
     mine = [index for index in range(len(units)) if index % distributed.world_size() == distributed.rank()]
     total = sum(units[index][0].stop - units[index][0].start for index in mine)
@@ -170,7 +181,8 @@ def synthesize(teacher: Teacher, config: SynthConfig = SynthConfig(), progress: 
             generator = torch.Generator().manual_seed(config.seed + UNIT_SEED_STRIDE * index)
             step = lambda task, finished, count, before=done: progress(task, before + finished, total)  # noqa: E731
             if method == "deepinversion":
-                result = deepinversion.synthesize_images(network, labels[rows], input_shape, teacher.normalize, config, config.bn_weightings[part], generator, step)
+                aims = None if boundary is None else boundary[rows]
+                result = deepinversion.synthesize_images(network, labels[rows], input_shape, teacher.normalize, config, config.bn_weightings[part], generator, step, aims)
             else:
                 result = data_impression.synthesize_images(network, classifier, labels[rows], input_shape, teacher.normalize, config, generator, step)
             images[rows] = result.images.detach().float().cpu()

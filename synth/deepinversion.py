@@ -364,6 +364,45 @@ def class_objective(config: SynthConfig) -> Objective:
     return Objective(image_losses, finished)
 
 
+def soft_class_objective(config: SynthConfig) -> Objective:
+    """Cross-entropy towards a soft target y (rows: label in column 0, y after it), −Σ_k y_k·log p_k;
+    finished once max_k |p_k − y_k| ≤ 1 − ``stop_confidence``, which for a one-hot y is exactly
+    ``class_objective``'s rule (p_label ≥ stop_confidence)."""
+    tolerance = 1 - config.stop_confidence
+
+    def image_losses(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return -(rows[:, 1:] * F.log_softmax(logits, dim=1)).sum(1)
+
+    def finished(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return (logits.softmax(1) - rows[:, 1:]).abs().amax(1) <= tolerance + 1e-6
+
+    return Objective(image_losses, finished)
+
+
+def boundary_targets(labels: torch.Tensor, similarity: torch.Tensor | None, share: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Soft targets for a share of the images, or None when ``share`` is 0.
+
+    Every image starts one-hot on its label. Each image whose draw falls below
+    ``share`` gets y = λ·e_label + (1 − λ)·e_other instead, λ ~ U(0.5, 1), the
+    other class drawn with probability proportional to its similarity to the
+    label (``similarity``: K×K, the diagonal ignored; None: uniform): an image on
+    the way from one class to a class the teacher finds alike, near the decision
+    boundary that a student distilled from confident images never sees.
+    Returns N×(1 + K) rows (label, target), as ``soft_class_objective`` reads them.
+    """
+    if share <= 0:
+        return None
+    count, classes = len(labels), (similarity.shape[0] if similarity is not None else int(labels.max()) + 1)
+    weights = torch.ones(classes, classes) if similarity is None else similarity.float().clone()
+    weights.fill_diagonal_(0)
+    chosen = torch.rand(count, generator=generator) < share
+    other = torch.multinomial(weights[labels.cpu()], 1, generator=generator).squeeze(1)
+    keep = 0.5 + 0.5 * torch.rand(count, generator=generator)
+    keep = torch.where(chosen, keep, torch.ones(count))
+    targets = keep[:, None] * F.one_hot(labels.cpu(), classes).float() + (1 - keep)[:, None] * F.one_hot(other, classes).float()
+    return torch.cat([labels.cpu()[:, None].float(), targets], dim=1).to(labels.device)
+
+
 def synthesize_images(
     network: nn.Module,
     labels: torch.Tensor,
@@ -373,11 +412,16 @@ def synthesize_images(
     weighting: tuple[float, float],
     generator: torch.Generator,
     progress: Progress,
+    targets: torch.Tensor | None = None,
 ) -> PoolResult:
-    """DeepInversion images for ``labels`` with BN weighting (a_bn, m_1) (see module docstring); the network must be frozen and have BN layers."""
+    """DeepInversion images for ``labels`` with BN weighting (a_bn, m_1) (see module docstring); the network must be frozen and have BN layers.
+
+    ``targets`` (rows of ``boundary_targets``) aims the images at soft targets instead of their labels.
+    """
     bn_weight, first_multiplier = weighting
     batchnorm = BatchNormMatching(network, first_multiplier)
+    aims, objective = (labels, class_objective(config)) if targets is None else (targets, soft_class_objective(config))
     try:
-        return optimise_images(network, labels, input_shape, normalize, config, class_objective(config), generator, progress, batchnorm, bn_weight)
+        return optimise_images(network, aims, input_shape, normalize, config, objective, generator, progress, batchnorm, bn_weight)
     finally:
         batchnorm.remove()

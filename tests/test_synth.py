@@ -136,6 +136,33 @@ def test_each_share_of_the_images_gets_its_own_batchnorm_weighting(zoo_resnet):
     assert [list(pair) for pair in synthetic.config["bn_weightings"]] == [[0.0, 0.0], [10.0, 1.0]]
 
 
+def test_boundary_targets_mix_the_label_with_one_similar_class():
+    from edgesnn.synth.deepinversion import boundary_targets
+
+    labels = class_balanced_labels(400, 4)
+    similarity = torch.tensor([[1.0, 0.9, 0.01, 0.01], [0.9, 1.0, 0.01, 0.01], [0.01, 0.01, 1.0, 0.9], [0.01, 0.01, 0.9, 1.0]])
+    assert boundary_targets(labels, similarity, 0.0, torch.Generator().manual_seed(0)) is None
+    rows = boundary_targets(labels, similarity, 0.5, torch.Generator().manual_seed(0))
+    assert rows.shape == (400, 5) and torch.equal(rows[:, 0].long(), labels)
+    targets = rows[:, 1:]
+    torch.testing.assert_close(targets.sum(1), torch.ones(400))
+    on_label = targets.gather(1, labels[:, None]).squeeze(1)
+    mixed = on_label < 1
+    assert 0.4 < mixed.float().mean() < 0.6  # about the share asked for
+    assert bool((on_label >= 0.5).all())  # the label keeps the larger part
+    partner = targets.masked_fill(torch.nn.functional.one_hot(labels, 4).bool(), 0).argmax(1)
+    assert (partner[mixed] == labels[mixed] ^ 1).float().mean() > 0.9  # the alike class, 0<->1 and 2<->3
+    assert bool(((targets > 0).sum(1)[mixed] == 2).all())
+
+
+def test_boundary_images_leave_the_teacher_less_certain(zoo_resnet, deepinversion_set):
+    """Images aimed at two-class targets sit nearer the teacher's decision boundaries than plain ones."""
+    boundary = synthesize(zoo_resnet, dataclasses.replace(QUICK_DEEPINVERSION, boundary_share=1.0))
+    confidence = {name: float(s.teacher_logits.softmax(1).amax(1).mean()) for name, s in (("plain", deepinversion_set), ("boundary", boundary))}
+    assert confidence["boundary"] < confidence["plain"] - 0.05, confidence
+    assert (boundary.teacher_logits.argmax(1) == boundary.labels).float().mean() >= 0.75  # still mostly their label's
+
+
 def test_deepinversion_images_stay_valid_pixels(deepinversion_set):
     (mean,), (std,) = NORMALIZE
     pixels = deepinversion_set.images * std + mean
@@ -251,6 +278,7 @@ def _not_batchnorm_linear_free() -> nn.Module:
         (SynthConfig(lr=0.0), "bn", "lr"),
         (SynthConfig(lr=float("nan")), "bn", "lr"),
         (SynthConfig(stop_confidence=1.5), "bn", "stop_confidence"),
+        (SynthConfig(boundary_share=1.5), "bn", "boundary_share"),
         (SynthConfig(warm_start_fraction=1.0), "bn", "warm_start_fraction"),
         (SynthConfig(jitter=-1), "bn", "jitter"),
         (SynthConfig(temperature=0.0), "bn", "temperature"),
