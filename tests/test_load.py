@@ -83,8 +83,7 @@ def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 FACTORIES = {
-    "fmnist_resnet8": lambda: ZOO["fmnist_resnet8"].factory(),
-    "fmnist_vgg": lambda: ZOO["fmnist_vgg"].factory(),
+    **{name: entry.factory for name, entry in ZOO.items()},
     "lambda_resnet8": lambda: fixture_module().resnet8(),
     "lambda_resnet20": lambda: fixture_module().resnet20(),
     "vgg_default": lambda: VGGSmall(),  # a class used as the factory

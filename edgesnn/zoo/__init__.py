@@ -66,6 +66,14 @@ ZOO: dict[str, ZooEntry] = {
             10,
             FASHION_MNIST_NORMALIZE,
         ),
+        ZooEntry(
+            "fmnist_vgg_wide",
+            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(48, 96, 192), convs=(1, 2, 1)),
+            "Wide VGG-style CNN (4 conv, 48/96/192 channels, BatchNorm, average pooling) for Fashion-MNIST",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
     )
 }
 

@@ -14,15 +14,19 @@ from torch import nn
 
 
 class VGGSmall(nn.Module):
-    """VGG-style CNN: two 3x3 conv-BN-ReLU per stage, average pooling between."""
+    """VGG-style CNN: 3x3 conv-BN-ReLU layers in stages, average pooling after each stage.
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(32, 64, 128)):
+    ``convs`` gives the number of convolutions of each stage; by default two in
+    every stage but the last, which has one.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(32, 64, 128), convs=None):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
-        for stage, width in enumerate(widths):
-            convs = 2 if stage < len(widths) - 1 else 1
-            for _ in range(convs):
+        convs = convs or tuple(2 if stage < len(widths) - 1 else 1 for stage in range(len(widths)))
+        for width, count in zip(widths, convs, strict=True):
+            for _ in range(count):
                 layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 channels = width
             layers.append(nn.AvgPool2d(2))
