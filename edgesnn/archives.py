@@ -24,6 +24,7 @@ Rules, per archive:
 from __future__ import annotations
 
 import os
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -112,5 +113,5 @@ def check_npz(path: Path, error: type[Exception], what: str, max_bytes: int | No
                         f"{path}: array {member.filename[:-4][:80]!r} declares shape {tuple(shape)} ({declared} bytes) "
                         f"but its member holds {member.file_size - header} (truncated or hostile {what})"
                     )
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError, SyntaxError, KeyError, zlib.error, NotImplementedError) as problem:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError, KeyError, zlib.error, NotImplementedError) as problem:
         raise error(f"{path}: not a readable {what} ({type(problem).__name__}: {str(problem)[:200]})") from None
