@@ -1,7 +1,7 @@
 """Benchmark: which training images make the best one-timestep student? (a probe for the private stage)
 
     .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
-        [--settings session7,bn3,bn10,bn10-long,real] [--count 2048] [--threads 1]
+        [--settings default,boundary,session7,bn3,bn10,bn10-long,real] [--count 2048] [--final-steps 600] [--threads 1]
 
 For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
 made by `bench/private_binary_fmnist.py --keep BUILDS`) is retrained with the
@@ -9,6 +9,8 @@ standard budget's privatize configuration on --count training images from each
 setting, and the private T=1 model is scored on the Fashion-MNIST test set. The
 conversion is the same in every row, so the rows differ only in the images:
 
+- default: DeepInversion with the SynthConfig defaults of now;
+- boundary: the defaults with half the images aimed at two-class soft targets (SynthConfig.boundary_share 0.5);
 - session7: DeepInversion with the SynthConfig default of session 7 (BN weight 1, ×10 on the first BN layer);
 - bn3: BN weight 3, ×3 on the first layer;
 - bn10: BN weight 10, every layer alike (the published CIFAR-10 weighting);
@@ -24,6 +26,7 @@ Prints a Markdown table and writes bench/results/privatize_data_fmnist.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -42,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: ben
 from common import DATA, ROOT, known_names, require_data  # noqa: E402
 
 SETTINGS = {
+    "default": {},
+    "boundary": {"boundary_share": 0.5},
     "session7": {"bn_weightings": ((1.0, 10.0),)},
     "bn3": {"bn_weightings": ((3.0, 3.0),)},
     "bn10": {"bn_weightings": ((10.0, 1.0),)},
@@ -75,7 +80,9 @@ def run(name: str, setting: str, args, log) -> dict:
     converted = read_spiking(args.builds / name / "snn.pt")
     images, synth = training_images(name, setting, teacher, args.count, args.seed)
     started = time.perf_counter()
-    model = privatize(converted, teacher, images, BUDGETS["standard"].privatize_config(seed=args.seed))
+    config = BUDGETS["standard"].privatize_config(seed=args.seed)
+    config = dataclasses.replace(config, final_steps=args.final_steps or config.final_steps)
+    model = privatize(converted, teacher, images, config)
     seconds = time.perf_counter() - started
     test = load_labelled_images(DATA, "test", ZOO[name].normalize, args.limit)
     predictions = snn_logits(model, torch.from_numpy(test.images), 1).argmax(1)
@@ -83,6 +90,7 @@ def run(name: str, setting: str, args, log) -> dict:
         "model": name,
         "setting": setting,
         "synth_config": SETTINGS[setting],
+        "final_steps": config.final_steps,
         "synth": synth,
         "private_t1_accuracy": round(float((predictions == torch.from_numpy(test.labels)).float().mean()), 4),
         "holdout_agreement": model.metrics["privatize"]["holdout_agreement"],
@@ -93,11 +101,11 @@ def run(name: str, setting: str, args, log) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | training images | private T=1 | held-out agreement | synth s | iterations/image | diversity | BN error |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | training images | T=1 steps | private T=1 | held-out agreement | synth s | iterations/image | diversity | BN error |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["synth"]
         lines.append(
-            f"| {r['model']} | {r['setting']} | {100 * r['private_t1_accuracy']:.2f} | {r['holdout_agreement']:.3f} | {s.get('seconds', '')} | "
+            f"| {r['model']} | {r['setting']} | {r.get('final_steps', '')} | {100 * r['private_t1_accuracy']:.2f} | {r['holdout_agreement']:.3f} | {s.get('seconds', '')} | "
             f"{s.get('iterations_mean', '')} | {s.get('diversity', '')} | {s.get('bn_error', '')} |"
         )
     return "\n".join(lines)
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--builds", type=Path, default=ROOT / "bench" / "builds", help="earlier standard builds (BUILDS/<model>/snn.pt)")
     parser.add_argument("--count", type=int, default=2048, help="training images per setting")
+    parser.add_argument("--final-steps", type=int, default=0, help="privatize steps at T=1 (0: the standard budget's)")
     parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
