@@ -40,7 +40,12 @@ program's ops (``EMITTERS``) become:
   fused RELU with MINIMUM 1 gives the spike. One accumulator a with one 0/1
   spike map x is exact, written in a's unit as
   a + 1 − A(0) + (A(0) − A(1))·x ≥ 1 with A(x) = ⌈(θ − m_x·x)/m_a⌉.
-  Any other mix (two accumulators, more terms, spike counts) is rounded: the
+  Two terms where one, x, takes few values (at most STEP_LIMIT + 1, as the
+  accumulator of a binary 1×1 shortcut does) are exact the same way, with A a
+  staircase: a + 1 − A(x_0) + Σ_j (A(j − 1) − A(j))·[x ≥ j] ≥ 1, the steps
+  [x ≥ j] from a broadcast ADD of x and the constants 1 − j (RELU, MINIMUM 1),
+  summed with their int8 heights by a 1×J DEPTHWISE_CONV_2D.
+  Any other mix (more terms, wide ranges on both sides) is rounded: the
   unit is m_a/2^k for the widest accumulator a, k as large as keeps the other
   terms within 2^14 units, each other term is ⌊m_t·x_t/unit + ½⌋ and the
   threshold's remainder is one more ADD of a constant. Such a spike can
@@ -83,6 +88,8 @@ INT32_MAX = 2**31 - 1
 GAIN_BITS = 15  # TFLite's 16x8 requantization keeps 15 significant bits of a multiplier
 MAX_GAIN = 2**13  # multipliers must stay below 2^14: the kernels shift right by 15 − ⌈log2⌉ of it, at least 1
 TERM_UNITS = 2**14 - 1  # in a rounded add, the terms besides the anchor stay within this many units
+STEP_LIMIT = 128  # an add of two terms is exact when one of them takes at most this many values + 1
+STEPPED_LARGEST = 2**13 - 2  # ... and the other's |value| stays within this, so that a − T(x) + 1 fits int16
 SCHEMA_VERSION = 3  # of the TFLite flatbuffer format
 
 # The builtin ops an exported model may contain, with the version recorded for each (that of its int16 kernel).
@@ -398,6 +405,38 @@ class _Writer:
         self.graph.operator("RESHAPE", [tensor, shape], [out], options)
         return out
 
+    def reshape(self, tensor: int, shape: tuple[int, int, int], name: str) -> int:
+        """N×H×W×C -> N×``shape``, the same values in the same order, at the same scale."""
+        schema = self.graph.schema
+        new_shape = [-1, *(int(v) for v in shape)]
+        out = self.graph.tensor(name, (1, *shape), "int16", self.graph.tensors[tensor].quantization.scale[0])
+        options = schema.ReshapeOptionsT()
+        options.newShape = new_shape
+        self.graph.operator("RESHAPE", [tensor, self.graph.constant("shape", new_shape, "int32")], [out], options)
+        return out
+
+    def steps(self, name: str, starts: np.ndarray, heights: np.ndarray, out: str) -> int:
+        """Σ_m heights[m, c]·[x_c ≥ starts[m]] per channel c of the integer tensor ``name`` (|x| small), exactly.
+
+        x as N×HW×1×C plus the constants 1 − starts[m] as 1×1×M×1 broadcast to
+        N×HW×M×C; RELU and MINIMUM 1 make the steps [x_c ≥ starts[m]], and a 1×M
+        DEPTHWISE_CONV_2D sums each channel's steps with their int8 heights.
+        """
+        schema = self.graph.schema
+        x = self.accumulator(name, 1.0, 0)
+        height, width, channels = self.graph.shape(x)
+        count = len(starts)
+        column = self.reshape(x, (height * width, 1, channels), self.name(out))
+        offsets = self.graph.constant(f"{out}/offsets", (1 - np.asarray(starts, dtype=np.int64)).reshape(1, 1, count, 1), "int16", self.graph.scale)
+        options = schema.AddOptionsT()
+        options.potScaleInt16 = False
+        options.fusedActivationFunction = schema.ActivationFunctionType.RELU
+        grid = self.graph.activation(self.name(out), (height * width, count, channels))
+        self.graph.operator("ADD", [column, offsets], [grid], options)
+        bits = self.minimum_one(grid, self.name(out))
+        summed = self.weighted("DEPTHWISE_CONV_2D", self.name(out), bits, np.asarray(heights, dtype=np.int64).T[:, None, :], 1.0, 0, (1, 1), (0, 0))
+        return self.reshape(summed, (height, width, channels), self.name(out))
+
     # -- program values ----------------------------------------------------
 
     def accumulator(self, name: str, gain, bias, relu: bool = False, out_scale: float | None = None) -> int:
@@ -483,6 +522,8 @@ def _emit_add_fire(writer: _Writer, op: Op) -> None:
         step = writer.accumulator(op.inputs[other], a0 - a1, 0)
         writer.value[op.output] = writer.minimum_one(writer.add(total, step, writer.name(op.output), relu=True), op.output)
         return
+    if len(others) == 1 and _stepped_add_fire(writer, op, terms, multipliers, threshold):
+        return
     # Rounded: the unit is m_a/2^k per channel, the other terms within TERM_UNITS units and the anchor's
     # (a + bias)·2^k within int32.
     other_reach = np.sum([reach[index] for index in others], axis=0)
@@ -503,6 +544,30 @@ def _emit_add_fire(writer: _Writer, op: Op) -> None:
         constant = writer.graph.constant(f"{op.output}/offset", offset.reshape(1, 1, 1, -1), "int16", writer.graph.scale)
         total = writer.add(total, constant, writer.name(op.output), relu=True)
     writer.value[op.output] = writer.minimum_one(total, op.output)
+
+
+def _stepped_add_fire(writer: _Writer, op: Op, terms: list[TensorSpec], multipliers: list[np.ndarray], threshold: np.ndarray) -> bool:
+    """m_a·a + m_x·x ≥ θ as a ≥ T(x) with T a staircase over the few values of x: exact. False where it does not apply.
+
+    x is the term with the fewest values (at most STEP_LIMIT + 1), a the other;
+    T(x) = ⌈(θ − m_x·x)/m_a⌉ needs m_a > 0, and its steps must fit int8.
+    """
+    spans = [(0, 1) if term.kind == "bits" else (-term.maximum, term.maximum) for term in terms]
+    other = min(range(2), key=lambda index: spans[index][1] - spans[index][0])
+    anchor = 1 - other
+    low, high = spans[other]
+    largest, m_anchor = terms[anchor].maximum, multipliers[anchor]
+    if high - low > STEP_LIMIT or largest > STEPPED_LARGEST or np.any(m_anchor <= 0):
+        return False
+    values = np.arange(low, high + 1, dtype=np.int64)
+    bounds = np.clip(_ceil_div(threshold[None, :] - multipliers[other][None, :] * values[:, None], m_anchor[None, :]), -largest, largest + 1)
+    heights = bounds[:-1] - bounds[1:]  # how far the bound drops as x reaches each next value
+    if np.abs(heights).max() > 127:
+        return False
+    total = writer.accumulator(op.inputs[anchor], 1.0, 1 - bounds[0])
+    steps = writer.steps(op.inputs[other], values[1:], heights, op.output)
+    writer.value[op.output] = writer.minimum_one(writer.add(total, steps, writer.name(op.output), relu=True), op.output)
+    return True
 
 
 def _emit_avgpool(writer: _Writer, op: Op) -> None:

@@ -8,10 +8,12 @@ test images; and two small hand-made programs that hold every op kind.
 Tolerance: predictions agree with the float model (``snn_logits`` of
 ``deployment_model``) and with the integer reference (``run_reference``) on at
 least 99.8% of the images. Every form but a rounded add_fire is exact by
-construction (see ``edgesnn.export.to_tflite``), so the spike maps of the VGG
-and of the user's ResNet equal the reference's, and so do all their logits;
-the binarized ResNet's adds of two accumulators round, and may flip about
-one spike in 10^5 (measured: none of its predictions on the full test set).
+construction (see ``edgesnn.export.to_tflite``), and the zoo models need no
+rounded one: the binarized ResNet's adds of two accumulators take the
+staircase form, as one of them (the shortcut) has few values. So every spike
+map and every logit of the three models equals the reference's. (Rounded,
+those adds flipped up to 0.5% of a spike map and changed the logits of up to
+57% of the images on some seeds of the binarized fixture.)
 """
 
 from __future__ import annotations
@@ -31,14 +33,12 @@ from edgesnn.privatize import snn_logits
 schema = pytest.importorskip("ai_edge_litert.schema_py_generated")
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
-AGREEMENT = 0.998  # least share of images on which the TFLite model predicts what the reference predicts
-ROUNDED_SPIKES = 1e-3  # largest share of a spike map that rounded add_fires upstream may flip, in a zoo model
+AGREEMENT = 0.998  # least share of images on which the TFLite model predicts what the float model predicts
 ALLOWED_OPS = {
     "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "SUB", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "RESHAPE", "PAD",
     "STRIDED_SLICE", "CONCATENATION", "MINIMUM", "MAXIMUM", "GREATER_EQUAL", "CAST", "SELECT", "QUANTIZE", "DEQUANTIZE", "TRANSPOSE",
 }  # fmt: skip
 MODELS = ("binary_resnet", "vgg", "lambda_resnet")
-EXACT_MODELS = ("vgg", "lambda_resnet")  # no add of two accumulators: every spike and logit is the reference's
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_tflite_predicts_what_the_float_model_and_the_reference_predict(name, ex
     float_predictions = snn_logits(deployment_model(model), images_from_pixels(pixels, model.normalize), 1).argmax(1).numpy()
     integer_predictions = run_reference(program, pixels).argmax(1).numpy()
     with_float, with_reference = (found == float_predictions).mean(), (found == integer_predictions).mean()
-    assert with_float >= AGREEMENT and with_reference >= AGREEMENT, f"{name}: agrees with PyTorch on {with_float:.2%}, with the integer reference on {with_reference:.2%}"
+    assert with_float >= AGREEMENT and with_reference == 1.0, f"{name}: agrees with PyTorch on {with_float:.2%}, with the integer reference on {with_reference:.2%}"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -105,8 +105,7 @@ def test_every_spike_map_is_the_references(name, exported, tensors) -> None:
     for tensor in held:
         values, reference = found[tensor].astype(np.int64), expected[tensor].numpy().transpose(0, 2, 3, 1)
         wrong = float((values != reference).mean())
-        limit = 0.0 if name in EXACT_MODELS else ROUNDED_SPIKES
-        assert wrong <= limit, f"{name}: {tensor} differs from the reference in {wrong:.2e} of its values"
+        assert wrong == 0.0, f"{name}: {tensor} differs from the reference in {wrong:.2e} of its values"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -116,7 +115,7 @@ def test_logits_are_the_programs_integers(name, exported, tensors, pixels) -> No
     logits, reference = found[LOGITS], expected[program.output].reshape(len(pixels), -1).numpy()
     assert logits.dtype == np.int64
     same = (logits == reference).all(1).mean()
-    assert same >= (1.0 if name in EXACT_MODELS else AGREEMENT), f"{name}: the logits of {1 - same:.2%} of the images differ"
+    assert same == 1.0, f"{name}: the logits of {1 - same:.2%} of the images differ"
     # run_tflite returns them at their real scale.
     scaled = run_tflite(data, images_from_pixels(pixels[:5], model.normalize).numpy())
     np.testing.assert_allclose(scaled, reference[:5] * program.output_scale, rtol=1e-6)
@@ -260,6 +259,7 @@ def _program_with_every_op(pixels: torch.Tensor, int16_logits: bool) -> Program:
     joined = build.add("cat", [pooled, padded], "ct", "bits", (14, 5, 5), 1)
     mixed = build.add_fire("af", [build.conv("c3", joined, 6, 3, padding=1, binary=True), build.conv("c4", counts, 6, 1), counts])  # rounded
     build.add_fire("ax", [build.conv("c5", mixed, 8, 3, padding=1), fired])  # an accumulator and a spike map: exact
+    build.add_fire("st", [build.conv("c7", fired, 8, 3, padding=1), build.conv("c8", pooled, 8, 1, binary=True)])  # two accumulators, one of 17 values: exact
     summed = build.pool("avgpool", "ap", build.conv("c6", fired, 10, 3, padding=1), 5, 5)  # a pooled accumulator
     if int16_logits:
         build.output(summed)
