@@ -371,13 +371,13 @@ class _Writer:
         self.graph.operator("MINIMUM", [tensor, one], [out])
         return out
 
-    def add(self, left: int, right: int, name: str, relu: bool = False) -> int:
-        """left + right in int16, saturating; exact, as both have the shared scale."""
+    def add(self, left: int, right: int, name: str, relu: bool = False, shape: tuple[int, int, int] | None = None) -> int:
+        """left + right in int16, saturating; exact, as both have the shared scale. ``shape``: where they broadcast."""
         schema = self.graph.schema
         options = schema.AddOptionsT()
         options.potScaleInt16 = False  # the general int16 kernel: it adds equal scales exactly, whatever they are
         options.fusedActivationFunction = schema.ActivationFunctionType.RELU if relu else schema.ActivationFunctionType.NONE
-        out = self.graph.activation(name, self.graph.shape(left))
+        out = self.graph.activation(name, shape or self.graph.shape(left))
         self.graph.operator("ADD", [left, right], [out], options)
         return out
 
@@ -394,26 +394,21 @@ class _Writer:
         self.graph.operator("CAST", [tensor], [out], options)
         return out
 
-    def flatten(self, tensor: int, name: str, dtype: str, scale: float) -> int:
-        """N×1×1×C -> N×C."""
-        schema = self.graph.schema
-        channels = self.graph.shape(tensor)[2]
-        shape = self.graph.constant("flat_shape", [-1, channels], "int32")
-        out = self.graph.tensor(name, (1, channels), dtype, scale)
-        options = schema.ReshapeOptionsT()
-        options.newShape = [-1, channels]
-        self.graph.operator("RESHAPE", [tensor, shape], [out], options)
-        return out
-
-    def reshape(self, tensor: int, shape: tuple[int, int, int], name: str) -> int:
-        """N×H×W×C -> N×``shape``, the same values in the same order, at the same scale."""
+    def reshape(self, tensor: int, shape: tuple[int, ...], name: str, dtype: str = "int16", scale: float | None = None) -> int:
+        """N×… -> N×``shape``, the same values in the same order (at the input's scale unless ``scale``)."""
         schema = self.graph.schema
         new_shape = [-1, *(int(v) for v in shape)]
-        out = self.graph.tensor(name, (1, *shape), "int16", self.graph.tensors[tensor].quantization.scale[0])
+        scale = self.graph.tensors[tensor].quantization.scale[0] if scale is None else scale
+        constant = self.graph.constant("shape", new_shape, "int32")
+        out = self.graph.tensor(name, (1, *shape), dtype, scale)
         options = schema.ReshapeOptionsT()
         options.newShape = new_shape
-        self.graph.operator("RESHAPE", [tensor, self.graph.constant("shape", new_shape, "int32")], [out], options)
+        self.graph.operator("RESHAPE", [tensor, constant], [out], options)
         return out
+
+    def flatten(self, tensor: int, name: str, dtype: str, scale: float) -> int:
+        """N×1×1×C -> N×C."""
+        return self.reshape(tensor, (self.graph.shape(tensor)[2],), name, dtype, scale)
 
     def steps(self, name: str, starts: np.ndarray, heights: np.ndarray, out: str) -> int:
         """Σ_m heights[m, c]·[x_c ≥ starts[m]] per channel c of the integer tensor ``name`` (|x| small), exactly.
@@ -422,17 +417,12 @@ class _Writer:
         N×HW×M×C; RELU and MINIMUM 1 make the steps [x_c ≥ starts[m]], and a 1×M
         DEPTHWISE_CONV_2D sums each channel's steps with their int8 heights.
         """
-        schema = self.graph.schema
         x = self.accumulator(name, 1.0, 0)
         height, width, channels = self.graph.shape(x)
         count = len(starts)
         column = self.reshape(x, (height * width, 1, channels), self.name(out))
         offsets = self.graph.constant(f"{out}/offsets", (1 - np.asarray(starts, dtype=np.int64)).reshape(1, 1, count, 1), "int16", self.graph.scale)
-        options = schema.AddOptionsT()
-        options.potScaleInt16 = False
-        options.fusedActivationFunction = schema.ActivationFunctionType.RELU
-        grid = self.graph.activation(self.name(out), (height * width, count, channels))
-        self.graph.operator("ADD", [column, offsets], [grid], options)
+        grid = self.add(column, offsets, self.name(out), relu=True, shape=(height * width, count, channels))
         bits = self.minimum_one(grid, self.name(out))
         summed = self.weighted("DEPTHWISE_CONV_2D", self.name(out), bits, np.asarray(heights, dtype=np.int64).T[:, None, :], 1.0, 0, (1, 1), (0, 0))
         return self.reshape(summed, (height, width, channels), self.name(out))
@@ -510,20 +500,11 @@ def _emit_add_fire(writer: _Writer, op: Op) -> None:
     multipliers = [op.arrays[f"multiplier{index}"].astype(np.int64) for index in range(len(terms))]
     threshold = op.arrays["threshold"].astype(np.int64)
     reach = [m * term.maximum for m, term in zip(multipliers, terms)]  # the largest |m_t·x_t| per channel
+    if len(terms) == 2 and _stepped_add_fire(writer, op, terms, multipliers, threshold):
+        return
     anchor = max(range(len(terms)), key=lambda index: (terms[index].kind == "s32", int(reach[index].max())))
     others = [index for index in range(len(terms)) if index != anchor]
     m_anchor, largest = multipliers[anchor], terms[anchor].maximum
-    if len(others) == 1 and terms[others[0]].kind == "bits" and terms[others[0]].maximum == 1 and largest <= TERM_UNITS:
-        # a ≥ A(x) for x ∈ {0, 1}, in a's own unit: exact.
-        other = others[0]
-        a0 = np.clip(_ceil_div(threshold, m_anchor), -largest, largest + 1)  # beyond |a| ≤ largest all thresholds act alike
-        a1 = np.clip(_ceil_div(threshold - multipliers[other], m_anchor), -largest, largest + 1)
-        total = writer.accumulator(op.inputs[anchor], 1.0, 1 - a0)
-        step = writer.accumulator(op.inputs[other], a0 - a1, 0)
-        writer.value[op.output] = writer.minimum_one(writer.add(total, step, writer.name(op.output), relu=True), op.output)
-        return
-    if len(others) == 1 and _stepped_add_fire(writer, op, terms, multipliers, threshold):
-        return
     # Rounded: the unit is m_a/2^k per channel, the other terms within TERM_UNITS units and the anchor's
     # (a + bias)·2^k within int32.
     other_reach = np.sum([reach[index] for index in others], axis=0)
@@ -550,22 +531,28 @@ def _stepped_add_fire(writer: _Writer, op: Op, terms: list[TensorSpec], multipli
     """m_a·a + m_x·x ≥ θ as a ≥ T(x) with T a staircase over the few values of x: exact. False where it does not apply.
 
     x is the term with the fewest values (at most STEP_LIMIT + 1), a the other;
-    T(x) = ⌈(θ − m_x·x)/m_a⌉ needs m_a > 0, and its steps must fit int8.
+    T(x) = ⌈(θ − m_x·x)/m_a⌉ needs m_a > 0. A spike map x has one step, its
+    height the gain of x; more steps come from ``steps`` and must fit int8.
     """
     spans = [(0, 1) if term.kind == "bits" else (-term.maximum, term.maximum) for term in terms]
     other = min(range(2), key=lambda index: spans[index][1] - spans[index][0])
     anchor = 1 - other
     low, high = spans[other]
     largest, m_anchor = terms[anchor].maximum, multipliers[anchor]
-    if high - low > STEP_LIMIT or largest > STEPPED_LARGEST or np.any(m_anchor <= 0):
+    one_step = high - low == 1
+    if not low < high <= low + STEP_LIMIT or largest > (TERM_UNITS if one_step else STEPPED_LARGEST) or np.any(m_anchor <= 0):
         return False
     values = np.arange(low, high + 1, dtype=np.int64)
+    # beyond |a| ≤ largest all thresholds act alike
     bounds = np.clip(_ceil_div(threshold[None, :] - multipliers[other][None, :] * values[:, None], m_anchor[None, :]), -largest, largest + 1)
     heights = bounds[:-1] - bounds[1:]  # how far the bound drops as x reaches each next value
-    if np.abs(heights).max() > 127:
+    if not one_step and np.abs(heights).max() > 127:
         return False
     total = writer.accumulator(op.inputs[anchor], 1.0, 1 - bounds[0])
-    steps = writer.steps(op.inputs[other], values[1:], heights, op.output)
+    if one_step:
+        steps = writer.accumulator(op.inputs[other], heights[0], 0)  # x ∈ {0, 1}: [x ≥ 1] = x
+    else:
+        steps = writer.steps(op.inputs[other], values[1:], heights, op.output)
     writer.value[op.output] = writer.minimum_one(writer.add(total, steps, writer.name(op.output), relu=True), op.output)
     return True
 
