@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
         [--settings default,boundary,session7,bn3,bn10,bn10-long,real] [--count 2048] [--final-steps 600] [--threads 1]
+        [--train norm=true,lr=0.003]
 
 For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
 made by `bench/private_binary_fmnist.py --keep BUILDS`) is retrained with the
@@ -20,6 +21,9 @@ conversion is the same in every row, so the rows differ only in the images:
 - real: the first --count REAL training images with the teacher's labels. Not data-free:
   it is the ceiling that the synthetic rows are measured against, never a build option.
 
+--train changes fields of the privatize TrainConfig in every row (e.g. norm=true), to
+compare ways of training on the same images.
+
 Prints a Markdown table and writes bench/results/privatize_data_fmnist.json.
 """
 
@@ -37,7 +41,7 @@ import torch
 from edgesnn.artifacts import SyntheticSet
 from edgesnn.datasets import load_labelled_images
 from edgesnn.pipeline import BUDGETS, load_teacher, read_spiking
-from edgesnn.privatize import privatize, snn_logits, teacher_logits
+from edgesnn.privatize import TrainConfig, privatize, snn_logits, teacher_logits
 from edgesnn.synth import SynthConfig, synthesize
 from edgesnn.zoo import ZOO
 
@@ -81,7 +85,7 @@ def run(name: str, setting: str, args, log) -> dict:
     images, synth = training_images(name, setting, teacher, args.count, args.seed)
     started = time.perf_counter()
     config = BUDGETS["standard"].privatize_config(seed=args.seed)
-    config = dataclasses.replace(config, final_steps=args.final_steps or config.final_steps)
+    config = dataclasses.replace(config, final_steps=args.final_steps or config.final_steps, train=dataclasses.replace(config.train, **args.train))
     model = privatize(converted, teacher, images, config)
     seconds = time.perf_counter() - started
     test = load_labelled_images(DATA, "test", ZOO[name].normalize, args.limit)
@@ -91,6 +95,7 @@ def run(name: str, setting: str, args, log) -> dict:
         "setting": setting,
         "synth_config": SETTINGS[setting],
         "final_steps": config.final_steps,
+        "train": args.train,
         "synth": synth,
         "private_t1_accuracy": round(float((predictions == torch.from_numpy(test.labels)).float().mean()), 4),
         "holdout_agreement": model.metrics["privatize"]["holdout_agreement"],
@@ -98,6 +103,25 @@ def run(name: str, setting: str, args, log) -> dict:
     }
     log(f"{name} {setting}: private T=1 {100 * row['private_t1_accuracy']:.2f}%, held-out agreement {row['holdout_agreement']}, synth {synth}")
     return row
+
+
+def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE,...`` of ``--train`` as TrainConfig fields, each value parsed as its field's type; a usage error otherwise."""
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        kind = fields.get(key)
+        try:
+            if kind == "bool" and value.lower() in ("true", "false"):
+                changes[key] = value.lower() == "true"
+            elif kind in ("int", "float", "str"):
+                changes[key] = {"int": int, "float": float, "str": str}[kind](value)
+            else:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--train {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))} and VALUE of its type")
+    return changes
 
 
 def markdown(rows: list[dict]) -> str:
@@ -121,10 +145,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train", default="", help="change TrainConfig fields of the privatize stage, e.g. norm=true,lr=0.003")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "privatize_data_fmnist.json")
     args = parser.parse_args()
     models = known_names(args.models, ZOO)
     settings = known_names(args.settings, SETTINGS, "setting")
+    args.train = parse_train(args.train, parser)
     require_data()
     missing = [str(args.builds / m / "snn.pt") for m in models if not (args.builds / m / "snn.pt").is_file()]
     if missing:

@@ -21,10 +21,18 @@ a layer is stateless, out = θ·[W·x + b ≥ θ/2]; before the T=1 phase each
 threshold can be recalibrated layer by layer to the spike amplitude a that
 minimises ‖ReLU(I) − a·[I ≥ a/2]‖² on the SNN's own input currents I, which is
 kept only where it raises agreement with the teacher on a held-out synthetic
-split. The temporal training moves the weights away from the ANN's, which is
-what hides class features from an inversion attack (PrivateSNN, Kim et al.
-2022); the per-layer cosine similarity to the ANN's weights is reported as a
-first measure of that. On the zoo models it is not enough: the weights stay
+split. With ``TrainConfig.norm`` each neuron fed by its own conv/linear sees its
+input current batch-normalised while training at T=1 (starting as the
+identity); the running form g·I + h is folded into that layer's weights and
+bias afterwards, so the model that leaves training has no extra op and a
+binary or int8 layer keeps its format. Off by default: on the wide VGG it
+lifts private T=1 by about half a point and the binarized model by nothing
+(BENCHMARKS.md, session 12).
+
+The temporal training moves the weights away from the ANN's, which is what
+hides class features from an inversion attack (PrivateSNN, Kim et al. 2022);
+the per-layer cosine similarity to the ANN's weights is reported as a first
+measure of that. On the zoo models it is not enough: the weights stay
 close to the ANN's, and inverting them as an ANN still gives recognisable
 classes. The build therefore ends with ``rekey_thresholds``, an exact rewrite
 of a one-timestep model that scales each channel's threshold by a secret
@@ -69,6 +77,7 @@ class TrainConfig:
     coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
     surrogate_width: float = 1.0  # half-width of the triangular surrogate, in units of θ
     threshold_floor: float = 0.1  # θ never falls below this fraction of its value when training starts (per channel)
+    norm: bool = False  # at T=1, batch-normalise each neuron's input current while training (folded into its conv/linear after)
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
     seed: int = 0
 
@@ -134,6 +143,7 @@ class TrainableIF(nn.Module):
         self.width = width
         self.timesteps = 1
         self.batch = 0
+        self.norm: _CurrentNorm | None = None
 
     def theta(self, like: torch.Tensor) -> torch.Tensor:
         theta = torch.maximum(self.threshold, self.floor)
@@ -143,6 +153,8 @@ class TrainableIF(nn.Module):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
+        if self.norm is not None and steps == 1:
+            current = self.norm(current)
         constant = current.shape[0] == self.batch and steps > 1
         if not constant:
             current = current.reshape(steps, -1, *current.shape[1:])
@@ -159,6 +171,39 @@ class TrainableIF(nn.Module):
         if steps == 1:
             return outputs[0]
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
+
+
+class _CurrentNorm(nn.Module):
+    """Batch normalisation of a neuron's input current, starting as the identity.
+
+    The first training batch sets the statistics and the affine terms alike
+    (γ = σ, β = μ), so the network computes what it did before; training then
+    moves γ and β while the statistics follow the batches. ``fold`` gives the
+    per-channel g, h of the running form g·I + h, which the conv/linear before
+    the neuron absorbs exactly.
+    """
+
+    def __init__(self, channels: int, dims: int):
+        super().__init__()
+        self.norm = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(channels, momentum=0.05)
+        self.started = False
+
+    def forward(self, current: torch.Tensor) -> torch.Tensor:
+        if not self.started and self.training:
+            with torch.no_grad():
+                reduce = [d for d in range(current.dim()) if d != 1]
+                mean, var = current.mean(reduce), current.var(reduce, unbiased=False)
+                self.norm.running_mean.copy_(mean)
+                self.norm.running_var.copy_(var)
+                self.norm.weight.copy_((var + self.norm.eps).sqrt())
+                self.norm.bias.copy_(mean)
+            self.started = True
+        return self.norm(current)
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.norm
+        scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+        return scale.detach(), (norm.bias - scale * norm.running_mean).detach()
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +252,7 @@ def weight_format(graph: Graph, name: str) -> str:
 class TrainingNetwork(nn.Module):
     """The SNN as an ``nn.Module`` whose weights, biases and thresholds are trainable."""
 
-    def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None, floor: float = 0.0):
+    def __init__(self, model: SpikingModel, width: float, formats: dict[str, str] | None = None, floor: float = 0.0, norm: bool = False):
         super().__init__()
         self.model = model
         self.neurons = nn.ModuleDict({module_key(name): TrainableIF(theta, model.initial_membrane, width, model.amplitudes.get(name), floor) for name, theta in model.thresholds.items()})
@@ -217,6 +262,14 @@ class TrainingNetwork(nn.Module):
         for name, kind in self.formats.items():
             if kind != "float":
                 torch.nn.utils.parametrize.register_parametrization(self.network.layer(name), "weight", _StraightThrough(kind))
+        self.carriers: dict[str, str] = {}
+        if norm:
+            for name, theta in model.thresholds.items():
+                carrier = model.graph[model.graph[name].inputs[0]]
+                if carrier.op in ("conv", "linear") and carrier.params.get("bias") is not None and len(model.graph.consumers(carrier.name)) == 1 and theta.dim() == 1:
+                    neuron = self.neurons[module_key(name)]
+                    neuron.norm = _CurrentNorm(len(carrier.params["weight"]), 4 if carrier.op == "conv" else 2).train()
+                    self.carriers[name] = carrier.name
 
     def forward(self, x: torch.Tensor, timesteps: int, batch: int) -> torch.Tensor:
         """Logits averaged over ``timesteps`` steps: B×classes. ``x`` has B samples (direct coding) or T·B (rate coding)."""
@@ -239,6 +292,16 @@ class TrainingNetwork(nn.Module):
                 if layer.bias is not None:
                     node.params["bias"] = layer.bias.detach().clone()
             node.attrs["weight_format"] = self.formats[node.name]
+        for name, carrier in self.carriers.items():
+            norm = self.neurons[module_key(name)].norm
+            if norm is None or not norm.started:
+                continue
+            scale, shift = norm.fold()
+            node = graph[carrier]
+            # g·(W·x + b) + h: W and b scaled per output channel. A binary or int8 weight stays one (α and the int8 scale
+            # take |g|, the sign flips where g < 0), so the fold keeps each layer's format exactly.
+            node.params["weight"] = node.params["weight"] * scale.reshape(-1, *([1] * (node.params["weight"].dim() - 1)))
+            node.params["bias"] = node.params["bias"] * scale + shift
         for node in graph.of_op("batchnorm"):
             layer = self.network.layer(node.name)
             for key in node.params:
@@ -385,7 +448,9 @@ def train_spiking(
     """
     if config.batch_size < distributed.world_size():
         raise PrivatizeError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} torchrun processes sharing each batch")
-    network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor)
+    if config.norm and distributed.active():
+        raise PrivatizeError("TrainConfig.norm needs a single process: its batch statistics are not shared between torchrun processes")
+    network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor, config.norm and timesteps == 1)
     if steps <= 0:
         return network.spiking_model(timesteps, latent), {"steps": 0}
     device = torch.device(config.device)

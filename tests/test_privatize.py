@@ -138,3 +138,30 @@ def test_feature_distillation_trains_and_leaves_no_hooks(converted, resnet_teach
     assert losses["steps"] == 4 and losses["loss_last"] == losses["loss_last"]  # finite, not NaN
     assert all(not layer._forward_hooks for layer in teacher_network.layers.values())
     assert model.timesteps == 1
+
+
+def test_current_norm_folds_exactly_into_the_layer_before(converted, real_images) -> None:
+    from dataclasses import replace
+
+    from edgesnn.privatize import TrainingNetwork
+
+    model = replace(converted, timesteps=1)
+    images = torch.from_numpy(real_images.images[:200])
+    network = TrainingNetwork(model, 1.0, norm=True)
+    assert network.carriers  # the stem and each block's first conv feed their neurons directly
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        network(images, 1, len(images))  # the first training batch starts every norm as the identity
+        for neuron in network.neurons.values():
+            if neuron.norm is not None:
+                layer = neuron.norm.norm
+                layer.weight.mul_(torch.rand(layer.weight.shape, generator=generator) * 2 - 0.5)  # some negative: signs flip in the fold
+                layer.bias.add_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
+                neuron.norm.eval()
+        trained = network(images, 1, len(images))
+    folded = network.spiking_model(1)
+    stem = next(iter(network.carriers.values()))
+    assert not torch.equal(folded.graph[stem].params["weight"], model.graph[stem].params["weight"])  # the norm went into the weights
+    logits = snn_logits(folded, images, 1)
+    assert (logits.argmax(1) == trained.argmax(1)).float().mean() >= 0.99
+    assert torch.allclose(logits, trained, atol=1e-3 * float(trained.abs().max()))
