@@ -1,7 +1,7 @@
 """Benchmark: which training images make the best one-timestep student? (a probe for the private stage)
 
     .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
-        [--settings default,boundary,session7,bn3,bn10,bn10-long,real] [--count 2048] [--final-steps 600] [--threads 1]
+        [--settings default,boundary,session7,bn3,bn10,bn10-long,tv0.1,tv0.3,real] [--count 2048] [--final-steps 600] [--threads 1]
         [--train norm=true,lr=0.003]
 
 For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
@@ -18,6 +18,7 @@ conversion is the same in every row, so the rows differ only in the images:
 - mix: half the images with the session7 weighting, half with bn10 (two runs, seeds seed and seed+1;
   the SynthConfig default since session 9 does the same in one run);
 - bn10-long: bn10 with 256 iterations per image (at least 192);
+- tv0.1, tv0.3: the defaults with the total variation prior 10× and 30× stronger (smoother images);
 - real: the first --count REAL training images with the teacher's labels. Not data-free:
   it is the ceiling that the synthetic rows are measured against, never a build option.
 
@@ -55,6 +56,8 @@ SETTINGS = {
     "bn3": {"bn_weightings": ((3.0, 3.0),)},
     "bn10": {"bn_weightings": ((10.0, 1.0),)},
     "bn10-long": {"bn_weightings": ((10.0, 1.0),), "iterations": 256, "min_iterations": 192},
+    "tv0.1": {"tv_weight": 0.1},
+    "tv0.3": {"tv_weight": 0.3},
     "mix": ("session7", "bn10"),
     "real": None,
 }

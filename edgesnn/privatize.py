@@ -6,8 +6,10 @@ synthetic images only. Each neuron keeps the convert stage's dynamics,
     v[t] = v[t−1] + I[t];   s[t] = H(v[t] − θ);   v[t] ← v[t] − θ·s[t];   out[t] = θ·s[t],
 
 and the Heaviside step H gets a triangular surrogate derivative in the backward
-pass, ∂s/∂v = max(0, 1 − |v/θ − 1|)/θ, so gradients reach the weights and the
-(per-channel, trainable) thresholds θ. The loss distils the teacher,
+pass, ∂s/∂v = max(0, w − |v/θ − 1|)/(w²·θ) with half-width w (0.5 by default:
+on the wide VGG it lifts private T=1 by 0.9–1.0 points over w = 1), so gradients
+reach the weights and the (per-channel, trainable) thresholds θ. The loss
+distils the teacher,
 
     L = τ²·KL(softmax(z_ANN/τ) ‖ softmax(z_SNN/τ)) + λ·CE(z_SNN, y) + β·Σ_l ‖ō_l − min(a_l, θ_l)‖² / ‖min(a_l, θ_l)‖² / L,
 
@@ -26,8 +28,9 @@ input current batch-normalised while training at T=1 (starting as the
 identity); the running form g·I + h is folded into that layer's weights and
 bias afterwards, so the model that leaves training has no extra op and a
 binary or int8 layer keeps its format. Off by default: on the wide VGG it
-lifts private T=1 by about half a point and the binarized model by nothing
-(BENCHMARKS.md, session 12).
+lifts private T=1 by about half a point, but costs a third more privatize time
+(the standard build then overruns its 10 minutes), and used in the binarize
+stage it loses 4 real points (BENCHMARKS.md, session 12).
 
 The temporal training moves the weights away from the ANN's, which is what
 hides class features from an inversion attack (PrivateSNN, Kim et al. 2022);
@@ -75,7 +78,7 @@ class TrainConfig:
     mixup: float = 0.3  # share of batches blended by mixup (λ uniform); the rest are plain
     feature_weight: float = 0.0  # β of layer-wise feature distillation; off: 1.0 did not help the VGG (BENCHMARKS.md, tuning runs)
     coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
-    surrogate_width: float = 1.0  # half-width of the triangular surrogate, in units of θ
+    surrogate_width: float = 0.5  # half-width w of the triangular surrogate, in units of θ (1.0 until session 12; BENCHMARKS.md)
     threshold_floor: float = 0.1  # θ never falls below this fraction of its value when training starts (per channel)
     norm: bool = False  # at T=1, batch-normalise each neuron's input current while training (folded into its conv/linear after)
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
