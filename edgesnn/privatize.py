@@ -28,9 +28,9 @@ input current batch-normalised while training at T=1 (starting as the
 identity); the running form g·I + h is folded into that layer's weights and
 bias afterwards, so the model that leaves training has no extra op and a
 binary or int8 layer keeps its format. Off by default: on the wide VGG it
-lifts private T=1 by about half a point, but costs a third more privatize time
-(the standard build then overruns its 10 minutes), and used in the binarize
-stage it loses 4 real points (BENCHMARKS.md, session 12).
+lifts private T=1 by 0.4–0.9 points, within what two runs of one setting
+differ by, and used in the binarize stage it loses 4 real points
+(BENCHMARKS.md, session 12).
 
 The temporal training moves the weights away from the ANN's, which is what
 hides class features from an inversion attack (PrivateSNN, Kim et al. 2022);
@@ -268,10 +268,9 @@ class TrainingNetwork(nn.Module):
         self.carriers: dict[str, str] = {}
         if norm:
             for name, theta in model.thresholds.items():
-                carrier = model.graph[model.graph[name].inputs[0]]
-                if carrier.op in ("conv", "linear") and carrier.params.get("bias") is not None and len(model.graph.consumers(carrier.name)) == 1 and theta.dim() == 1:
-                    neuron = self.neurons[module_key(name)]
-                    neuron.norm = _CurrentNorm(len(carrier.params["weight"]), 4 if carrier.op == "conv" else 2).train()
+                carrier = bias_carrier(model.graph, name)
+                if carrier is not None and carrier.name == model.graph[name].inputs[0] and theta.dim() == 1:  # fed directly, not through an add
+                    self.neurons[module_key(name)].norm = _CurrentNorm(len(carrier.params["weight"]), 4 if carrier.op == "conv" else 2).train()
                     self.carriers[name] = carrier.name
 
     def forward(self, x: torch.Tensor, timesteps: int, batch: int) -> torch.Tensor:
@@ -295,16 +294,17 @@ class TrainingNetwork(nn.Module):
                 if layer.bias is not None:
                     node.params["bias"] = layer.bias.detach().clone()
             node.attrs["weight_format"] = self.formats[node.name]
+        from .binarize import _scale_rows  # binarize imports this module
+
         for name, carrier in self.carriers.items():
             norm = self.neurons[module_key(name)].norm
-            if norm is None or not norm.started:
+            if not norm.started:
                 continue
             scale, shift = norm.fold()
-            node = graph[carrier]
             # g·(W·x + b) + h: W and b scaled per output channel. A binary or int8 weight stays one (α and the int8 scale
             # take |g|, the sign flips where g < 0), so the fold keeps each layer's format exactly.
-            node.params["weight"] = node.params["weight"] * scale.reshape(-1, *([1] * (node.params["weight"].dim() - 1)))
-            node.params["bias"] = node.params["bias"] * scale + shift
+            _scale_rows(graph[carrier], scale)
+            graph[carrier].params["bias"] = graph[carrier].params["bias"] + shift
         for node in graph.of_op("batchnorm"):
             layer = self.network.layer(node.name)
             for key in node.params:
