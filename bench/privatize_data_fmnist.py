@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
         [--settings default,boundary,session7,bn3,bn10,bn10-long,tv0.1,tv0.3,real] [--count 2048] [--final-steps 600] [--threads 1]
-        [--train norm=true,lr=0.003]
+        [--train norm=true,lr=0.003] [--schedule 4,2|none] [--temporal-steps 60]
 
 For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
 made by `bench/private_binary_fmnist.py --keep BUILDS`) is retrained with the
@@ -23,7 +23,8 @@ conversion is the same in every row, so the rows differ only in the images:
   it is the ceiling that the synthetic rows are measured against, never a build option.
 
 --train changes fields of the privatize TrainConfig in every row (e.g. norm=true), to
-compare ways of training on the same images.
+compare ways of training on the same images; --schedule and --temporal-steps change the
+temporal phases before the T=1 one (--schedule none: T=1 from the start).
 
 Prints a Markdown table and writes bench/results/privatize_data_fmnist.json.
 """
@@ -88,7 +89,11 @@ def run(name: str, setting: str, args, log) -> dict:
     images, synth = training_images(name, setting, teacher, args.count, args.seed)
     started = time.perf_counter()
     config = BUDGETS["standard"].privatize_config(seed=args.seed)
-    config = dataclasses.replace(config, final_steps=args.final_steps or config.final_steps, train=dataclasses.replace(config.train, **args.train))
+    schedule = config.schedule if args.schedule is None else args.schedule
+    temporal = config.temporal_steps if args.temporal_steps is None else args.temporal_steps
+    config = dataclasses.replace(
+        config, schedule=schedule, temporal_steps=temporal, final_steps=args.final_steps or config.final_steps, train=dataclasses.replace(config.train, **args.train)
+    )
     model = privatize(converted, teacher, images, config)
     seconds = time.perf_counter() - started
     test = load_labelled_images(DATA, "test", ZOO[name].normalize, args.limit)
@@ -97,6 +102,8 @@ def run(name: str, setting: str, args, log) -> dict:
         "model": name,
         "setting": setting,
         "synth_config": SETTINGS[setting],
+        "schedule": list(config.schedule),
+        "temporal_steps": config.temporal_steps,
         "final_steps": config.final_steps,
         "train": args.train,
         "synth": synth,
@@ -145,6 +152,8 @@ def main() -> None:
     parser.add_argument("--builds", type=Path, default=ROOT / "bench" / "builds", help="earlier standard builds (BUILDS/<model>/snn.pt)")
     parser.add_argument("--count", type=int, default=2048, help="training images per setting")
     parser.add_argument("--final-steps", type=int, default=0, help="privatize steps at T=1 (0: the standard budget's)")
+    parser.add_argument("--schedule", default=None, help="T of the temporal phases before T=1, e.g. 4,2; 'none' for T=1 only (default: the standard budget's)")
+    parser.add_argument("--temporal-steps", type=int, default=None, help="steps in each temporal phase (default: the standard budget's)")
     parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -154,6 +163,11 @@ def main() -> None:
     models = known_names(args.models, ZOO)
     settings = known_names(args.settings, SETTINGS, "setting")
     args.train = parse_train(args.train, parser)
+    if args.schedule is not None:
+        try:
+            args.schedule = () if args.schedule == "none" else tuple(int(t) for t in args.schedule.split(","))
+        except ValueError:
+            parser.error(f"--schedule {args.schedule}: expected T values such as 4,2, or none")
     require_data()
     missing = [str(args.builds / m / "snn.pt") for m in models if not (args.builds / m / "snn.pt").is_file()]
     if missing:

@@ -158,7 +158,11 @@ class TrainableIF(nn.Module):
         steps = self.timesteps
         if self.norm is not None and steps == 1:
             current = self.norm(current)
-        constant = current.shape[0] == self.batch and steps > 1
+        if steps == 1:  # stateless: no reshape, whose select would cost a full zero-filled copy backward
+            theta = self.theta(current)
+            amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
+            return _SpikeFunction.apply(current + theta * self.initial_membrane, theta, self.width) * amplitude
+        constant = current.shape[0] == self.batch
         if not constant:
             current = current.reshape(steps, -1, *current.shape[1:])
         theta = self.theta(current[0] if not constant else current)
@@ -171,8 +175,6 @@ class TrainableIF(nn.Module):
             if step < steps - 1:  # the last reset would feed nothing
                 membrane = membrane - theta * spikes
             outputs.append(spikes * amplitude)
-        if steps == 1:
-            return outputs[0]
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
 
 
@@ -460,7 +462,7 @@ def train_spiking(
     network.to(device)
     images_layout = torch.channels_last if images.dim() == 4 else torch.contiguous_format
     network.to(memory_format=images_layout)  # convolutions forward and backward ~20% faster channels-last on CPU
-    teacher_network = teacher_network.to(device)
+    teacher_network = teacher_network.to(device, memory_format=images_layout)  # the teacher's forward too: ~10% faster
     trained = distributed.wrap(network, device)  # under torchrun: DDP, each rank on its share of every batch
     generator = torch.Generator().manual_seed(config.seed + 104729 * timesteps)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -490,7 +492,7 @@ def train_spiking(
         inputs = inputs.contiguous(memory_format=images_layout)
         batch, inputs, targets, second = batch.to(device), inputs.to(device), targets.to(device), second.to(device)
         with torch.no_grad():
-            soft = F.softmax(teacher_network(batch) / temperature, dim=1)
+            soft = F.softmax(teacher_network(batch.contiguous(memory_format=images_layout)) / temperature, dim=1)
         logits = trained(inputs, timesteps, len(batch))
         distill = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature**2
         cross_entropy = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, second)

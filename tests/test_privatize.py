@@ -58,14 +58,17 @@ def test_retraining_reports_phases_and_moves_weights(private) -> None:
     assert "calibration_images" in private.metrics  # the conversion's figures are kept
 
 
-def test_trainable_neuron_matches_the_inference_neuron() -> None:
+@pytest.mark.parametrize("timesteps", [1, 4])  # T=1 takes a stateless path of its own
+def test_trainable_neuron_matches_the_inference_neuron(timesteps: int) -> None:
     generator = torch.Generator().manual_seed(0)
     theta = torch.rand(3, generator=generator) + 0.5
-    current = torch.randn(4 * 5, 3, 2, 2, generator=generator)
+    current = torch.randn(timesteps * 5, 3, 2, 2, generator=generator)
     reference, trainable = IFNeuron(theta, 0.5), TrainableIF(theta, 0.5, 1.0)
     for neuron in (reference, trainable):
-        neuron.timesteps, neuron.batch = 4, 5
-    assert torch.equal(reference(current), trainable(current).detach())
+        neuron.timesteps, neuron.batch = timesteps, 5
+    expected = reference(current)
+    assert 0 < int((expected > 0).sum()) < expected.numel()
+    assert torch.equal(expected, trainable(current).detach())
 
 
 def test_surrogate_gradient_is_the_triangle() -> None:
