@@ -156,18 +156,16 @@ class TrainableIF(nn.Module):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
-        if self.norm is not None and steps == 1:
-            current = self.norm(current)
+        theta = self.theta(current)  # shaped by the current's dimensions, which reshaping to T×B×… below keeps per step
+        amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
         if steps == 1:  # stateless: no reshape, whose select would cost a full zero-filled copy backward
-            theta = self.theta(current)
-            amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
+            if self.norm is not None:
+                current = self.norm(current)
             return _SpikeFunction.apply(current + theta * self.initial_membrane, theta, self.width) * amplitude
         constant = current.shape[0] == self.batch
         if not constant:
             current = current.reshape(steps, -1, *current.shape[1:])
-        theta = self.theta(current[0] if not constant else current)
         membrane = theta * self.initial_membrane
-        amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
         outputs = []
         for step in range(steps):
             membrane = membrane + (current if constant else current[step])
