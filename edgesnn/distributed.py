@@ -145,6 +145,28 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def sum_with_gradient(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all ranks, differentiable: backward, each rank's input gets the
+    sum of every rank's gradient of the result (as in SyncBatchNorm, which is CUDA-only)."""
+    if not active():
+        return tensor
+    return _SumOverRanks.apply(tensor)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
 def broadcast_bytes(data: bytes | None) -> bytes:
     """Rank 0's ``data`` on every rank (the others pass None)."""
     length = torch.tensor([len(data) if is_main() and data is not None else 0], dtype=torch.int64)
@@ -175,4 +197,4 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-__all__ = ["active", "broadcast_bytes", "broadcast_flag", "is_main", "joined", "launched", "rank", "share", "start", "stop", "sum_over_ranks", "world_size", "wrap"]
+__all__ = ["active", "broadcast_bytes", "broadcast_flag", "is_main", "joined", "launched", "rank", "share", "start", "stop", "sum_over_ranks", "sum_with_gradient", "world_size", "wrap"]

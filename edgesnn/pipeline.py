@@ -99,7 +99,7 @@ class Budget:
 
     def privatize_config(self, timesteps: int = 1, coding: str = "direct", device: str = "cpu", seed: int = 0) -> PrivatizeConfig:
         """What ``build --private --budget B`` retrains with (``--timesteps``, ``--coding``, ``--device``, ``--seed``)."""
-        return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=TrainConfig(coding=coding, device=device, seed=seed))
+        return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=dataclasses.replace(PrivatizeConfig.train, coding=coding, device=device, seed=seed))
 
     def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0) -> BinarizeConfig:
         """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``)."""

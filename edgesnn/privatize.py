@@ -25,12 +25,14 @@ minimises ‖ReLU(I) − a·[I ≥ a/2]‖² on the SNN's own input currents I, 
 kept only where it raises agreement with the teacher on a held-out synthetic
 split. With ``TrainConfig.norm`` each neuron fed by its own conv/linear sees its
 input current batch-normalised while training at T=1 (starting as the
-identity); the running form g·I + h is folded into that layer's weights and
+identity; the conv/linear's own bias is frozen, the norm's shift takes its
+place); the running form g·I + h is folded into that layer's weights and
 bias afterwards, so the model that leaves training has no extra op and a
-binary or int8 layer keeps its format. Off by default: on the wide VGG it
-lifts private T=1 by 0.4–0.9 points, within what two runs of one setting
-differ by, and used in the binarize stage it loses 4 real points
-(BENCHMARKS.md, session 12).
+binary or int8 layer keeps its format. Under torchrun the statistics are
+those of the global batch. On in this stage's T=1 phase (PrivatizeConfig):
+on the wide VGG it lifted private T=1 by 0.4–0.9 points in five runs out of
+five (BENCHMARKS.md, sessions 12 and 14); off in the binarize stage, where it
+raised synthetic agreement and lost 4 real points (session 12).
 
 The temporal training moves the weights away from the ANN's, which is what
 hides class features from an inversion attack (PrivateSNN, Kim et al. 2022);
@@ -80,7 +82,7 @@ class TrainConfig:
     coding: str = "direct"  # input coding for T > 1: "direct" (constant current) or "rate" (Bernoulli spikes of the pixel)
     surrogate_width: float = 0.5  # half-width w of the triangular surrogate, in units of θ (1.0 until session 12; BENCHMARKS.md)
     threshold_floor: float = 0.1  # θ never falls below this fraction of its value when training starts (per channel)
-    norm: bool = False  # at T=1, batch-normalise each neuron's input current while training (folded into its conv/linear after)
+    norm: bool = False  # at T=1, batch-normalise each neuron's input current while training (folded into its conv/linear after); privatize turns it on
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
     seed: int = 0
 
@@ -95,7 +97,7 @@ class PrivatizeConfig:
     final_steps: int = 600  # optimiser steps at the final T
     calibrate: bool = True  # recalibrate thresholds to spike amplitudes before a T=1 phase (kept only if it helps)
     holdout: float = 0.1  # share of synthetic images held out to measure agreement with the teacher
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(norm=True)  # the T=1 phase with batch-normalised input currents (module docstring)
 
 
 # ---------------------------------------------------------------------------
@@ -181,32 +183,59 @@ class _CurrentNorm(nn.Module):
 
     The first training batch sets the statistics and the affine terms alike
     (γ = σ, β = μ), so the network computes what it did before; training then
-    moves γ and β while the statistics follow the batches. ``fold`` gives the
-    per-channel g, h of the running form g·I + h, which the conv/linear before
-    the neuron absorbs exactly.
+    moves γ and β while the statistics follow the batches. Under torchrun the
+    mean and variance are those of the global batch (summed over the ranks,
+    with gradients), so the ranks train what one process would. ``fold`` gives
+    the per-channel g, h of the running form g·I + h, which the conv/linear
+    before the neuron absorbs exactly.
     """
+
+    momentum = 0.05
+    eps = 1e-5
 
     def __init__(self, channels: int, dims: int):
         super().__init__()
-        self.norm = (nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d)(channels, momentum=0.05)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
         self.started = False
 
+    @staticmethod
+    def _statistics(current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel mean and (biased) variance over the batch of every rank, and how many values each is of."""
+        reduce = [d for d in range(current.dim()) if d != 1]
+        count = current.numel() // current.shape[1]
+        if not distributed.active():
+            return current.mean(reduce), current.var(reduce, unbiased=False), count
+        sums = torch.stack([current.sum(reduce), current.square().sum(reduce), current.new_full((current.shape[1],), float(count))])
+        sums = distributed.sum_with_gradient(sums)
+        count = int(sums[2, 0].detach())
+        mean = sums[0] / count
+        return mean, (sums[1] / count - mean.square()).clamp_min(0), count
+
     def forward(self, current: torch.Tensor) -> torch.Tensor:
-        if not self.started and self.training:
+        shape = (1, -1, *([1] * (current.dim() - 2)))
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        else:
+            mean, var, count = self._statistics(current)
             with torch.no_grad():
-                reduce = [d for d in range(current.dim()) if d != 1]
-                mean, var = current.mean(reduce), current.var(reduce, unbiased=False)
-                self.norm.running_mean.copy_(mean)
-                self.norm.running_var.copy_(var)
-                self.norm.weight.copy_((var + self.norm.eps).sqrt())
-                self.norm.bias.copy_(mean)
-            self.started = True
-        return self.norm(current)
+                if not self.started:
+                    self.running_mean.copy_(mean)
+                    self.running_var.copy_(var)
+                    self.weight.copy_((var + self.eps).sqrt())
+                    self.bias.copy_(mean)
+                    self.started = True
+                else:
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+        scale = self.weight / (var + self.eps).sqrt()
+        return (current - mean.reshape(shape)) * scale.reshape(shape) + self.bias.reshape(shape)
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self.norm
-        scale = norm.weight / (norm.running_var + norm.eps).sqrt()
-        return scale.detach(), (norm.bias - scale * norm.running_mean).detach()
+        scale = self.weight / (self.running_var + self.eps).sqrt()
+        return scale.detach(), (self.bias - scale * self.running_mean).detach()
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +301,12 @@ class TrainingNetwork(nn.Module):
                 if carrier is not None and carrier.name == model.graph[name].inputs[0] and theta.dim() == 1:  # fed directly, not through an add
                     self.neurons[module_key(name)].norm = _CurrentNorm(len(carrier.params["weight"]), 4 if carrier.op == "conv" else 2).train()
                     self.carriers[name] = carrier.name
+                    # The norm's β is the bias now. The carrier's own bias would get only rounding noise as its
+                    # gradient (the norm subtracts the batch mean), which Adam scales up to steps of lr: a random
+                    # walk that the running mean follows a few dozen steps late, and the fold would carry the lag.
+                    bias = self.network.layer(carrier.name).bias
+                    if bias is not None:
+                        bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, timesteps: int, batch: int) -> torch.Tensor:
         """Logits averaged over ``timesteps`` steps: B×classes. ``x`` has B samples (direct coding) or T·B (rate coding)."""
@@ -451,8 +486,6 @@ def train_spiking(
     """
     if config.batch_size < distributed.world_size():
         raise PrivatizeError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} torchrun processes sharing each batch")
-    if config.norm and distributed.active():
-        raise PrivatizeError("TrainConfig.norm needs a single process: its batch statistics are not shared between torchrun processes")
     network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor, config.norm and timesteps == 1)
     if steps <= 0:
         return network.spiking_model(timesteps, latent), {"steps": 0}

@@ -157,7 +157,7 @@ def test_current_norm_folds_exactly_into_the_layer_before(converted, real_images
         network(images, 1, len(images))  # the first training batch starts every norm as the identity
         for neuron in network.neurons.values():
             if neuron.norm is not None:
-                layer = neuron.norm.norm
+                layer = neuron.norm
                 layer.weight.mul_(torch.rand(layer.weight.shape, generator=generator) * 2 - 0.5)  # some negative: signs flip in the fold
                 layer.bias.add_(torch.randn(layer.bias.shape, generator=generator) * 0.1)
                 neuron.norm.eval()
