@@ -30,9 +30,11 @@ place); the running form g·I + h is folded into that layer's weights and
 bias afterwards, so the model that leaves training has no extra op and a
 binary or int8 layer keeps its format. Under torchrun the statistics are
 those of the global batch. On in this stage's T=1 phase (PrivatizeConfig):
-on the wide VGG it lifted private T=1 by 0.4–0.9 points in five runs out of
-five (BENCHMARKS.md, sessions 12 and 14); off in the binarize stage, where it
-raised synthetic agreement and lost 4 real points (session 12).
+on the wide VGG at the standard budget it lifted private T=1 by 0.4–0.9
+points in every run (six, BENCHMARKS.md sessions 12 and 14; 0 to 0.4 after
+binarization), while one thorough build scored 0.4 below the one without it;
+off in the binarize stage, where it raised synthetic agreement and lost 4
+real points (session 12).
 
 The temporal training moves the weights away from the ANN's, which is what
 hides class features from an inversion attack (PrivateSNN, Kim et al. 2022);
