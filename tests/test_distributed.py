@@ -100,11 +100,14 @@ def test_torchrun_build_matches_one_process(two_ranks, tmp_path) -> None:
     assert two["synthetic"]["target_agreement"] > 0.95
     # The same images as one process (synthesis work units do not depend on the number of
     # processes) and the same training up to the order of float sums, so the same quality.
-    # (Plain T=1 conversion of this ResNet is ~10-30%.)
+    # (Plain T=1 conversion of this ResNet is ~10-30%.) The sums' order is enough for the two
+    # trajectories to part at this size (320 images, 30 held out; test_two_ranks_train_as_one_process
+    # checks the training itself step by step): one process with seeds 0, 1, 2 scored 0.45, 0.64,
+    # 0.66 and two processes with seed 0 0.59, so the tolerance is that spread, not 6 points.
     images = [read_synthetic(tmp_path / name / "synthetic.npz").images for name in ("one", "two")]
     assert torch.allclose(images[0], images[1], atol=1e-4)
     accuracies = one["snn_accuracy"]["1"], two["snn_accuracy"]["1"]
-    assert min(accuracies) > 0.35 and abs(accuracies[0] - accuracies[1]) < 0.06, accuracies
+    assert min(accuracies) > 0.35 and abs(accuracies[0] - accuracies[1]) < 0.25, accuracies
 
 
 def test_torchrun_refuses_fewer_images_than_processes(two_ranks, tmp_path) -> None:
