@@ -195,7 +195,7 @@ class _CurrentNorm(nn.Module):
     momentum = 0.05
     eps = 1e-5
 
-    def __init__(self, channels: int, dims: int):
+    def __init__(self, channels: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
@@ -240,7 +240,7 @@ class _CurrentNorm(nn.Module):
         return torch.addcmul((self.bias - mean * scale).reshape(shape), current, scale.reshape(shape))
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight / (self.running_var + self.eps).sqrt()
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # as forward computes it in eval mode
         return scale.detach(), (self.bias - scale * self.running_mean).detach()
 
 
@@ -305,7 +305,7 @@ class TrainingNetwork(nn.Module):
             for name, theta in model.thresholds.items():
                 carrier = bias_carrier(model.graph, name)
                 if carrier is not None and carrier.name == model.graph[name].inputs[0] and theta.dim() == 1:  # fed directly, not through an add
-                    self.neurons[module_key(name)].norm = _CurrentNorm(len(carrier.params["weight"]), 4 if carrier.op == "conv" else 2).train()
+                    self.neurons[module_key(name)].norm = _CurrentNorm(len(carrier.params["weight"])).train()
                     self.carriers[name] = carrier.name
                     # The norm's β is the bias now. The carrier's own bias would get only rounding noise as its
                     # gradient (the norm subtracts the batch mean), which Adam scales up to steps of lr: a random
