@@ -1,7 +1,7 @@
 """Benchmark: what the binarize stage's agreement budget buys (a probe for issue 3).
 
     .venv/bin/python bench/binarize_budget_fmnist.py --builds bench/builds-s9 [--models fmnist_resnet8,fmnist_vgg]
-        [--max-loss 3,6] [--no-views] [--threads 1]
+        [--max-loss 3,6] [--no-views] [--train temperature=8,ce_weight=0] [--threads 1]
 
 For each model, the private model of an earlier standard build (BUILDS/<model>/private.pt
 and synthetic.npz, made by `bench/private_binary_fmnist.py --keep BUILDS`) is binarized
@@ -9,6 +9,8 @@ again with the standard budget's binarize configuration at each --max-loss, and 
 the Fashion-MNIST test set at T=1. The private model and the synthetic images are the same
 in every row of a model, so rows differ only in the binarize settings. --no-views scores
 the held-out images once each instead of in six views (BinarizeConfig.holdout_views).
+--train changes fields of the binarize stage's TrainConfig in every row (e.g. feature_weight=0.3),
+to compare ways of fine-tuning the same private model.
 
 Prints a Markdown table and writes bench/results/binarize_budget_fmnist.json.
 """
@@ -31,14 +33,15 @@ from edgesnn.privatize import snn_logits
 from edgesnn.zoo import ZOO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
-from common import DATA, ROOT, known_names, require_data  # noqa: E402
+from common import DATA, ROOT, known_names, parse_train, require_data  # noqa: E402
 
 
 def run(name: str, max_loss: float, views: bool, args, log) -> dict:
     teacher = load_teacher(name)
     private = read_spiking(args.builds / name / "private.pt")
     synthetic = read_synthetic(args.builds / name / "synthetic.npz")
-    config = dataclasses.replace(BUDGETS["standard"].binarize_config(max_loss=max_loss, seed=args.seed), holdout_views=views)
+    config = BUDGETS["standard"].binarize_config(max_loss=max_loss, seed=args.seed)
+    config = dataclasses.replace(config, holdout_views=views, train=dataclasses.replace(config.train, **args.train))
     started = time.perf_counter()
     model = binarize(private, teacher, synthetic, config)
     seconds = time.perf_counter() - started
@@ -49,6 +52,7 @@ def run(name: str, max_loss: float, views: bool, args, log) -> dict:
         "model": name,
         "max_loss": max_loss,
         "holdout_views": views,
+        "train": args.train,
         "binary_t1_accuracy": round(float((predictions == torch.from_numpy(test.labels)).float().mean()), 4),
         "binary_fraction": metrics["binary_fraction"],
         "model_bytes": model_bytes(model),
@@ -58,7 +62,7 @@ def run(name: str, max_loss: float, views: bool, args, log) -> dict:
         "binarize_seconds": round(seconds, 1),
     }
     binary = [step["layer"] for step in metrics["steps"] if step["accepted"]]
-    log(f"{name} max-loss {max_loss} views {views}: binary T=1 {100 * row['binary_t1_accuracy']:.2f}%, {100 * row['binary_fraction']:.1f}% 1-bit ({', '.join(binary) or 'none'})")
+    log(f"{name} max-loss {max_loss} views {views} {args.train or ''}: binary T=1 {100 * row['binary_t1_accuracy']:.2f}%, {100 * row['binary_fraction']:.1f}% 1-bit ({', '.join(binary) or 'none'})")
     return row
 
 
@@ -82,8 +86,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10000, help="test images evaluated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train", default="", help="change TrainConfig fields of the binarize stage, e.g. temperature=8,ce_weight=0")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "binarize_budget_fmnist.json")
     args = parser.parse_args()
+    args.train = parse_train(args.train, parser)
     models = known_names(args.models, ZOO)
     try:
         budgets = [float(value) for value in args.max_loss.split(",") if value]
@@ -97,7 +103,7 @@ def main() -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     rows = [run(name, max_loss, not args.no_views, args, log) for name in models for max_loss in budgets]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "builds": str(args.builds), "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads, "train": args.train, "builds": str(args.builds), "rows": rows}, indent=2) + "\n")
     print(markdown(rows))
 
 

@@ -6,8 +6,12 @@ and they import it as ``common``.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+from edgesnn.privatize import TrainConfig
 
 DATA = "/usr/share/datasets/fashion-mnist"  # the full Fashion-MNIST set: apt-get install -y dataset-fashion-mnist
 ROOT = Path(__file__).resolve().parent.parent  # the repository
@@ -26,3 +30,22 @@ def known_names(text: str, known, kind: str = "model") -> list[str]:
     if unknown:
         sys.exit(f"error: unknown {kind}(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
     return names
+
+
+def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE,...`` of ``--train`` as TrainConfig fields, each value parsed as its field's type; a usage error otherwise."""
+    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        kind = fields.get(key)
+        try:
+            if kind == "bool" and value.lower() in ("true", "false"):
+                changes[key] = value.lower() == "true"
+            elif kind in ("int", "float", "str"):
+                changes[key] = {"int": int, "float": float, "str": str}[kind](value)
+            else:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--train {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))} and VALUE of its type")
+    return changes

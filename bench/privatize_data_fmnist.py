@@ -43,12 +43,12 @@ import torch
 from edgesnn.artifacts import SyntheticSet
 from edgesnn.datasets import load_labelled_images
 from edgesnn.pipeline import BUDGETS, load_teacher, read_spiking
-from edgesnn.privatize import TrainConfig, privatize, snn_logits, teacher_logits
+from edgesnn.privatize import privatize, snn_logits, teacher_logits
 from edgesnn.synth import SynthConfig, synthesize
 from edgesnn.zoo import ZOO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: bench/ is on the path; imported: make it so
-from common import DATA, ROOT, known_names, require_data  # noqa: E402
+from common import DATA, ROOT, known_names, parse_train, require_data  # noqa: E402
 
 SETTINGS = {
     "default": {},
@@ -113,25 +113,6 @@ def run(name: str, setting: str, args, log) -> dict:
     }
     log(f"{name} {setting}: private T=1 {100 * row['private_t1_accuracy']:.2f}%, held-out agreement {row['holdout_agreement']}, synth {synth}")
     return row
-
-
-def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
-    """``KEY=VALUE,...`` of ``--train`` as TrainConfig fields, each value parsed as its field's type; a usage error otherwise."""
-    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
-    changes = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        kind = fields.get(key)
-        try:
-            if kind == "bool" and value.lower() in ("true", "false"):
-                changes[key] = value.lower() == "true"
-            elif kind in ("int", "float", "str"):
-                changes[key] = {"int": int, "float": float, "str": str}[kind](value)
-            else:
-                raise ValueError
-        except ValueError:
-            parser.error(f"--train {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))} and VALUE of its type")
-    return changes
 
 
 def markdown(rows: list[dict]) -> str:
