@@ -62,7 +62,8 @@ def run(name: str, max_loss: float, views: bool, args, log) -> dict:
         "binarize_seconds": round(seconds, 1),
     }
     binary = [step["layer"] for step in metrics["steps"] if step["accepted"]]
-    log(f"{name} max-loss {max_loss} views {views} {args.train or ''}: binary T=1 {100 * row['binary_t1_accuracy']:.2f}%, {100 * row['binary_fraction']:.1f}% 1-bit ({', '.join(binary) or 'none'})")
+    changes = "".join(f" {key}={value}" for key, value in args.train.items())
+    log(f"{name} max-loss {max_loss} views {views}{changes}: binary T=1 {100 * row['binary_t1_accuracy']:.2f}%, {100 * row['binary_fraction']:.1f}% 1-bit ({', '.join(binary) or 'none'})")
     return row
 
 
