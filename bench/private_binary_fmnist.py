@@ -6,7 +6,7 @@
 For each zoo model, one build with the chosen budget (the same stages and
 configuration as the CLI), then on the test set: the teacher; the converted SNN
 run at T=1 with no retraining; the private T=1 model; the private + binary T=1
-model; the share of 1-bit weights; model bytes against the fp32 teacher
+model (overall and per true class); the share of 1-bit weights; model bytes against the fp32 teacher
 (BatchNorm folded); weight cosine to the ANN per layer; seconds and peak RSS
 per stage. With --cifar, also a CIFAR-sized ResNet-20 (3×32×32, random weights,
 option-A shortcuts) for time and memory only. The build never reads the test
@@ -58,8 +58,17 @@ def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed:
     )
 
 
+CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")  # Fashion-MNIST labels 0-9
+
+
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor, timesteps: int) -> float:
     return float((snn_logits(model, images, timesteps).argmax(1) == labels).float().mean())
+
+
+def per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
+    """Accuracy on the test images of each true class, in label order, None for a class with no images under
+    --limit (most of the binary model's gap is one class: BENCHMARKS.md, session 16)."""
+    return [round(float((predictions[labels == c] == c).float().mean()), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
 
 
 def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None) -> dict:
@@ -73,11 +82,13 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     teacher = result.teacher.network
     with torch.no_grad():
-        teacher_accuracy = float((torch.cat([teacher(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1) == labels).float().mean())
+        teacher_predictions = torch.cat([teacher(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1)
+    teacher_accuracy = float((teacher_predictions == labels).float().mean())
     final = result.model
     converted = result.converted
     # The private model before binarization is the binarize stage's input: rebuild it from the stage record.
     private = result.private
+    private_predictions, binary_predictions = (snn_logits(m, images, 1).argmax(1) for m in (private, final))
     row = {
         "model": name,
         "budget": budget,
@@ -86,8 +97,14 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "teacher_accuracy": teacher_accuracy,
         "converted_t1_accuracy": accuracy(converted, images, labels, 1),
         "converted_t4_accuracy": accuracy(converted, images, labels, converted.timesteps),
-        "private_t1_accuracy": accuracy(private, images, labels, 1),
-        "binary_t1_accuracy": accuracy(final, images, labels, 1),
+        "private_t1_accuracy": float((private_predictions == labels).float().mean()),
+        "binary_t1_accuracy": float((binary_predictions == labels).float().mean()),
+        "per_class_accuracy": {
+            "classes": list(CLASSES),
+            "teacher": per_class(teacher_predictions, labels),
+            "private_t1": per_class(private_predictions, labels),
+            "binary_t1": per_class(binary_predictions, labels),
+        },
         "binary_fraction": round(binary_share(final), 5),
         "model_bytes": model_bytes(final),
         "private_model_bytes_fp32": model_bytes(private),
@@ -157,6 +174,10 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
                 f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''} | "
                 f"{'' if drop is None else drop} | {'' if error is None else error} | {r['weight_cosine_private'].get(name, '')} | {r['weight_cosine_binary'].get(name, '')} |"
             )
+    lines += ["", "| model | accuracy per true class | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
+    for r in rows:
+        for key, what in (("teacher", "teacher"), ("private_t1", "private T=1"), ("binary_t1", "private + binary T=1")):
+            lines.append(f"| {r['model']} | {what} | " + " | ".join("" if a is None else f"{100 * a:.1f}" for a in r["per_class_accuracy"][key]) + " |")
     return "\n".join(lines)
 
 
