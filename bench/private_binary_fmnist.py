@@ -61,14 +61,19 @@ def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed:
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")  # Fashion-MNIST labels 0-9
 
 
+def correct(predictions: torch.Tensor, labels: torch.Tensor | int) -> float:
+    """Share of predictions equal to their label."""
+    return float((predictions == labels).float().mean())
+
+
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor, timesteps: int) -> float:
-    return float((snn_logits(model, images, timesteps).argmax(1) == labels).float().mean())
+    return correct(snn_logits(model, images, timesteps).argmax(1), labels)
 
 
 def per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float | None]:
     """Accuracy on the test images of each true class, in label order, None for a class with no images under
     --limit (most of the binary model's gap is one class: BENCHMARKS.md, session 16)."""
-    return [round(float((predictions[labels == c] == c).float().mean()), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
+    return [round(correct(predictions[labels == c], c), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
 
 
 def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None) -> dict:
@@ -83,7 +88,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     teacher = result.teacher.network
     with torch.no_grad():
         teacher_predictions = torch.cat([teacher(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1)
-    teacher_accuracy = float((teacher_predictions == labels).float().mean())
+    teacher_accuracy = correct(teacher_predictions, labels)
     final = result.model
     converted = result.converted
     # The private model before binarization is the binarize stage's input: rebuild it from the stage record.
@@ -97,8 +102,8 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "teacher_accuracy": teacher_accuracy,
         "converted_t1_accuracy": accuracy(converted, images, labels, 1),
         "converted_t4_accuracy": accuracy(converted, images, labels, converted.timesteps),
-        "private_t1_accuracy": float((private_predictions == labels).float().mean()),
-        "binary_t1_accuracy": float((binary_predictions == labels).float().mean()),
+        "private_t1_accuracy": correct(private_predictions, labels),
+        "binary_t1_accuracy": correct(binary_predictions, labels),
         "per_class_accuracy": {
             "classes": list(CLASSES),
             "teacher": per_class(teacher_predictions, labels),
