@@ -2,11 +2,19 @@
 
     python scripts/train_zoo.py [--models fmnist_resnet8,fmnist_vgg] [--epochs 20] [--seed 0]
     python scripts/train_zoo.py --models fmnist_judge --epochs 6 --lr 0.02   # the audit judge (~2 min)
+    python scripts/train_zoo.py --models fmnist_vgg_wide_robust   # adversarial fine-tuning of fmnist_vgg_wide (ROBUST)
 
 Needs the Debian package `dataset-fashion-mnist` (or --data pointing at an IDX
 folder). Writes edgesnn/zoo/<name>.pt (a plain state_dict) and updates
 edgesnn/zoo/zoo.json with the measured accuracy on the 10,000 test images.
 Seeded and single-process, so a rerun on the same machine gives the same weights.
+
+The models in ROBUST are not trained from scratch: they start from another zoo
+model's weights and are fine-tuned adversarially (L2 perturbations found by one
+gradient step from a random start, "fast adversarial training"). A robust
+teacher's input gradients point towards class features a person would
+recognise, so the images DeepInversion draws from it are closer to real ones
+and the data-free SNN built from it loses less (BENCHMARKS.md, session 17).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +39,20 @@ from edgesnn.zoo import JUDGES, ZOO, ZOO_DIR  # noqa: E402
 TRAINABLE = {**ZOO, **JUDGES}  # the teachers and the audit judges
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass(frozen=True)
+class Robust:
+    """Adversarial fine-tuning of a trained zoo model."""
+
+    base: str  # the zoo model whose trained weights it starts from
+    epsilon: float  # L2 radius of the perturbations, in [0,1] pixel units (one image: 784 pixels)
+    clean_share: float  # share of each batch trained on the clean images, the rest on perturbed ones
+    epochs: float  # passes over the training set (a fraction ends mid-epoch)
+    lr: float  # peak SGD learning rate, cosine to 0
+
+
+ROBUST = {"fmnist_vgg_wide_robust": Robust("fmnist_vgg_wide", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01)}
 
 
 def augment(images: torch.Tensor, background: float, generator: torch.Generator) -> torch.Tensor:
@@ -129,6 +152,80 @@ def train(name: str, data: str, epochs: int, seed: int, batch: int, lr: float, c
     }
 
 
+def _l2(tensor: torch.Tensor) -> torch.Tensor:
+    """Per-image L2 norm, shaped to broadcast over N×C×H×W."""
+    return tensor.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+
+def perturb(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, radius: float, bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """Inputs moved within an L2 ball of ``radius`` to raise the loss: random start, one step of 1.25·radius, projected."""
+    delta = torch.randn(inputs.shape, generator=generator)
+    delta = delta / _l2(delta) * radius * torch.rand(len(inputs), 1, 1, 1, generator=generator)
+    delta.requires_grad_(True)
+    model.eval()  # BatchNorm statistics are not updated by the attack
+    loss = F.cross_entropy(model((inputs + delta).clamp(*bounds)), labels)
+    (gradient,) = torch.autograd.grad(loss, delta)
+    delta = delta.detach() + 1.25 * radius * gradient / _l2(gradient)
+    delta = delta * torch.clamp(radius / _l2(delta), max=1.0)
+    return (inputs + delta).clamp(*bounds)
+
+
+def fine_tune_robust(name: str, data: str, seed: int, batch: int) -> dict:
+    """Fine-tune ROBUST[name].base adversarially; writes the weights and returns the zoo.json record."""
+    recipe = ROBUST[name]
+    entry, base = TRAINABLE[name], TRAINABLE[recipe.base]
+    if not base.weights_path.is_file():
+        sys.exit(f"error: {name} starts from {recipe.base}, whose weights {base.weights_path} are missing; train it first")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train_set = load_labelled_images(data, "train", entry.normalize)
+    test_set = load_labelled_images(data, "test", entry.normalize)
+    x_train, y_train = torch.from_numpy(train_set.images), torch.from_numpy(train_set.labels)
+    x_test, y_test = torch.from_numpy(test_set.images), torch.from_numpy(test_set.labels)
+    mean, std = entry.normalize[0][0], entry.normalize[1][0]
+    bounds = ((0.0 - mean) / std, (1.0 - mean) / std)  # the [0,1] pixel range, normalised
+    radius = recipe.epsilon / std  # the pixel-unit radius in normalised units
+    model = entry.factory()
+    model.load_state_dict(torch.load(base.weights_path, weights_only=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps_per_epoch = len(x_train) // batch
+    total = int(recipe.epochs * steps_per_epoch)
+    started = time.time()
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(x_train), generator=generator)
+        index = order[(step % steps_per_epoch) * batch : (step % steps_per_epoch + 1) * batch]
+        inputs, labels = augment(x_train[index], bounds[0], generator), y_train[index]
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+        adversarial = perturb(model, inputs, labels, radius, bounds, generator)
+        model.train()
+        clean = int(recipe.clean_share * len(inputs))
+        loss = F.cross_entropy(model(torch.cat([inputs[:clean], adversarial[clean:]])), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
+            print(f"{name} step {step + 1}/{total} loss {loss.item():.4f} ({time.time() - started:.0f}s)", flush=True)
+    accuracy = evaluate(model, x_test, y_test)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(state, entry.weights_path)
+    return {
+        "test_accuracy": round(accuracy, 4),
+        "test_images": len(x_test),
+        "fine_tuned_from": recipe.base,
+        "adversarial": {"norm": "l2", "epsilon": recipe.epsilon, "clean_share": recipe.clean_share, "attack": "one step from a random start"},
+        "epochs": recipe.epochs,
+        "seed": seed,
+        "batch": batch,
+        "lr": recipe.lr,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+        "sha256": hashlib.sha256(entry.weights_path.read_bytes()).hexdigest(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(ZOO))
@@ -144,8 +241,11 @@ def main() -> None:
     for name in args.models.split(","):
         if name not in TRAINABLE:
             sys.exit(f"error: unknown zoo model {name!r}; valid: {', '.join(TRAINABLE)}")
-        checkpoint = args.checkpoint_dir / f"{name}-{args.epochs}ep-seed{args.seed}.state" if args.checkpoint_dir else None
-        record = train(name, args.data, args.epochs, args.seed, args.batch, args.lr, checkpoint)
+        if name in ROBUST:  # a fine-tuning recipe of its own: --epochs and --lr do not apply
+            record = fine_tune_robust(name, args.data, args.seed, args.batch)
+        else:
+            checkpoint = args.checkpoint_dir / f"{name}-{args.epochs}ep-seed{args.seed}.state" if args.checkpoint_dir else None
+            record = train(name, args.data, args.epochs, args.seed, args.batch, args.lr, checkpoint)
         path = ZOO_DIR / "zoo.json"
         metadata = json.loads(path.read_text()) if path.is_file() else {}
         metadata[name] = record
