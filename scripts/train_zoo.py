@@ -2,7 +2,8 @@
 
     python scripts/train_zoo.py [--models fmnist_resnet8,fmnist_vgg] [--epochs 20] [--seed 0]
     python scripts/train_zoo.py --models fmnist_judge --epochs 6 --lr 0.02   # the audit judge (~2 min)
-    python scripts/train_zoo.py --models fmnist_vgg_wide_robust   # adversarial fine-tuning of fmnist_vgg_wide (ROBUST)
+    python scripts/train_zoo.py --models fmnist_vgg_wide,fmnist_vgg_wider --epochs 15
+    python scripts/train_zoo.py --models fmnist_vgg_wide_robust --threads 1   # adversarial fine-tuning of fmnist_vgg_wide (ROBUST)
 
 Needs the Debian package `dataset-fashion-mnist` (or --data pointing at an IDX
 folder). Writes edgesnn/zoo/<name>.pt (a plain state_dict) and updates
@@ -14,7 +15,7 @@ model's weights and are fine-tuned adversarially (L2 perturbations found by one
 gradient step from a random start, "fast adversarial training"). A robust
 teacher's input gradients point towards class features a person would
 recognise, so the images DeepInversion draws from it are closer to real ones
-and the data-free SNN built from it loses less (BENCHMARKS.md, session 17).
+and the data-free SNN built from it loses less (BENCHMARKS.md, sessions 17-18).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class Robust:
     lr: float  # peak SGD learning rate, cosine to 0
 
 
-ROBUST = {"fmnist_vgg_wide_robust": Robust("fmnist_vgg_wide", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01)}
+ROBUST = {
+    "fmnist_vgg_wide_robust": Robust("fmnist_vgg_wide", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
+    "fmnist_vgg_wider_robust": Robust("fmnist_vgg_wider", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
+}
 
 
 def augment(images: torch.Tensor, background: float, generator: torch.Generator) -> torch.Tensor:

@@ -161,19 +161,20 @@ def test_real_zoo_weights_classify_fashion_mnist(name, images, fashion):
     assert accuracy > 0.75, f"{name}: {accuracy:.2f} on 64 test images"
 
 
-def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_loses(monkeypatch):
-    """fmnist_vgg_wide_robust is its base fine-tuned adversarially: the claim that its images are better rests on this."""
+@pytest.mark.parametrize("robust", ["fmnist_vgg_wide_robust", "fmnist_vgg_wider_robust"])
+def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_loses(robust, monkeypatch):
+    """A robust zoo teacher is its base fine-tuned adversarially: the claim that its images are better rests on this."""
     spec = importlib.util.spec_from_file_location("train_zoo", REPO / "scripts" / "train_zoo.py")
     train_zoo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "train_zoo", train_zoo)  # its dataclasses look their module up there
     spec.loader.exec_module(train_zoo)
-    recipe = train_zoo.ROBUST["fmnist_vgg_wide_robust"]
+    recipe = train_zoo.ROBUST[robust]
     data = load_labelled_images(PACKAGED_SUBSET, "test", FASHION_MNIST_NORMALIZE, limit=512)
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
     (mean,), (std,) = FASHION_MNIST_NORMALIZE
     bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
     scores = {}
-    for name in (recipe.base, "fmnist_vgg_wide_robust"):
+    for name in (recipe.base, robust):
         network = ZOO[name].factory()
         network.load_state_dict(torch.load(ZOO[name].weights_path, weights_only=True))
         moved = train_zoo.perturb(network, images, labels, 0.5 / std, bounds, torch.Generator().manual_seed(0))
@@ -181,7 +182,8 @@ def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_l
             scores[name] = [(network(x).argmax(1) == labels).float().mean().item() for x in (images, moved)]
     (base_clean, base_moved), (robust_clean, robust_moved) = scores.values()
     assert robust_clean > 0.9 and robust_clean > base_clean - 0.03, scores  # still a good classifier
-    assert robust_moved > base_moved + 0.08, scores  # measured: 0.775 against 0.621 (pixel L2 radius 0.5)
+    # Measured (pixel L2 radius 0.5): wide 0.775 against 0.621, wider 0.768 against 0.613.
+    assert robust_moved > base_moved + 0.08, scores
 
 
 def test_zoo_weights_missing_names_the_file(tmp_path, monkeypatch):

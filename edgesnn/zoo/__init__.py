@@ -82,6 +82,22 @@ ZOO: dict[str, ZooEntry] = {
             10,
             FASHION_MNIST_NORMALIZE,
         ),
+        ZooEntry(
+            "fmnist_vgg_wider",
+            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
+            "Wider VGG-style CNN (4 conv, 64/128/256 channels, BatchNorm, average pooling): more one-bit channels at T=1",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
+        ZooEntry(
+            "fmnist_vgg_wider_robust",
+            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
+            "fmnist_vgg_wider fine-tuned adversarially (L2), as fmnist_vgg_wide_robust: the best teacher for build --private --binary",
+            (1, 28, 28),
+            10,
+            FASHION_MNIST_NORMALIZE,
+        ),
     )
 }
 
