@@ -161,7 +161,7 @@ def test_real_zoo_weights_classify_fashion_mnist(name, images, fashion):
     assert accuracy > 0.75, f"{name}: {accuracy:.2f} on 64 test images"
 
 
-@pytest.mark.parametrize("robust", ["fmnist_vgg_wide_robust", "fmnist_vgg_wider_robust"])
+@pytest.mark.parametrize("robust", sorted(name for name in ZOO if name.endswith("_robust")))
 def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_loses(robust, monkeypatch):
     """A robust zoo teacher is its base fine-tuned adversarially: the claim that its images are better rests on this."""
     spec = importlib.util.spec_from_file_location("train_zoo", REPO / "scripts" / "train_zoo.py")

@@ -8,6 +8,7 @@ records the measured test accuracy in ``zoo.json`` beside the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,29 @@ def _read_metadata() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _robust(base: ZooEntry, note: str) -> ZooEntry:
+    """The zoo entry of ``base`` fine-tuned adversarially (scripts/train_zoo.py ROBUST): same architecture, its own weights."""
+    return dataclasses.replace(base, name=f"{base.name}_robust", description=f"{base.name} fine-tuned adversarially (L2): {note}")
+
+
+_VGG_WIDE = ZooEntry(
+    "fmnist_vgg_wide",
+    lambda: VGGSmall(num_classes=10, in_channels=1, widths=(48, 96, 192), convs=(1, 2, 1)),
+    "Wide VGG-style CNN (4 conv, 48/96/192 channels, BatchNorm, average pooling) for Fashion-MNIST",
+    (1, 28, 28),
+    10,
+    FASHION_MNIST_NORMALIZE,
+)
+_VGG_WIDER = ZooEntry(
+    "fmnist_vgg_wider",
+    lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
+    "Wider VGG-style CNN (4 conv, 64/128/256 channels, BatchNorm, average pooling): more one-bit channels at T=1",
+    (1, 28, 28),
+    10,
+    FASHION_MNIST_NORMALIZE,
+)
+
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -66,38 +90,10 @@ ZOO: dict[str, ZooEntry] = {
             10,
             FASHION_MNIST_NORMALIZE,
         ),
-        ZooEntry(
-            "fmnist_vgg_wide",
-            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(48, 96, 192), convs=(1, 2, 1)),
-            "Wide VGG-style CNN (4 conv, 48/96/192 channels, BatchNorm, average pooling) for Fashion-MNIST",
-            (1, 28, 28),
-            10,
-            FASHION_MNIST_NORMALIZE,
-        ),
-        ZooEntry(
-            "fmnist_vgg_wide_robust",
-            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(48, 96, 192), convs=(1, 2, 1)),
-            "fmnist_vgg_wide fine-tuned adversarially (L2): its data-free images look more like clothes, its SNN is closer to it",
-            (1, 28, 28),
-            10,
-            FASHION_MNIST_NORMALIZE,
-        ),
-        ZooEntry(
-            "fmnist_vgg_wider",
-            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
-            "Wider VGG-style CNN (4 conv, 64/128/256 channels, BatchNorm, average pooling): more one-bit channels at T=1",
-            (1, 28, 28),
-            10,
-            FASHION_MNIST_NORMALIZE,
-        ),
-        ZooEntry(
-            "fmnist_vgg_wider_robust",
-            lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
-            "fmnist_vgg_wider fine-tuned adversarially (L2), as fmnist_vgg_wide_robust: the best teacher for build --private --binary",
-            (1, 28, 28),
-            10,
-            FASHION_MNIST_NORMALIZE,
-        ),
+        _VGG_WIDE,
+        _robust(_VGG_WIDE, "its data-free images look more like clothes, its SNN is closer to it"),
+        _VGG_WIDER,
+        _robust(_VGG_WIDER, "the best teacher for build --private --binary"),
     )
 }
 
