@@ -693,7 +693,9 @@ def canonical_form(model: SpikingModel) -> SpikingModel:
     """The key-free form of a T=1 model: each bias folded into its threshold (θ = |firing point|/(1 − v0)), spikes unchanged.
 
     Two re-keyings of one model have the same canonical form, so an attack run on
-    it cannot be dodged by ``rekey_thresholds``.
+    it cannot be dodged by ``rekey_thresholds``: the same up to the resolution at
+    which float32 stores a re-keyed firing point (1 − v0)·r·θ − b, a few ulps of
+    span·θ, which is also the resolution at which the re-keyed model fires.
     """
     if model.timesteps != 1 or model.initial_membrane >= 1:
         return model
