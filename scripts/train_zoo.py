@@ -2,7 +2,7 @@
 
     python scripts/train_zoo.py [--models fmnist_resnet8,fmnist_vgg] [--epochs 20] [--seed 0]
     python scripts/train_zoo.py --models fmnist_judge --epochs 6 --lr 0.02   # the audit judge (~2 min)
-    python scripts/train_zoo.py --models fmnist_vgg_wide,fmnist_vgg_wider --epochs 15
+    python scripts/train_zoo.py --models fmnist_vgg_wide,fmnist_vgg_wider,fmnist_vgg_widest --epochs 15
     python scripts/train_zoo.py --models fmnist_vgg_wide_robust --threads 1   # adversarial fine-tuning of fmnist_vgg_wide (ROBUST)
 
 Needs the Debian package `dataset-fashion-mnist` (or --data pointing at an IDX
@@ -56,6 +56,7 @@ class Robust:
 ROBUST = {
     "fmnist_vgg_wide_robust": Robust("fmnist_vgg_wide", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
     "fmnist_vgg_wider_robust": Robust("fmnist_vgg_wider", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
+    "fmnist_vgg_widest_robust": Robust("fmnist_vgg_widest", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
 }
 
 

@@ -182,7 +182,7 @@ def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_l
             scores[name] = [(network(x).argmax(1) == labels).float().mean().item() for x in (images, moved)]
     (base_clean, base_moved), (robust_clean, robust_moved) = scores.values()
     assert robust_clean > 0.9 and robust_clean > base_clean - 0.03, scores  # still a good classifier
-    # Measured (pixel L2 radius 0.5): wide 0.775 against 0.621, wider 0.768 against 0.613.
+    # Measured (pixel L2 radius 0.5): wide 0.775 against 0.621, wider 0.768 against 0.613, widest 0.775 against 0.623.
     assert robust_moved > base_moved + 0.08, scores
 
 
