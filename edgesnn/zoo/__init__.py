@@ -53,31 +53,22 @@ def _robust(base: ZooEntry, note: str) -> ZooEntry:
     return dataclasses.replace(base, name=f"{base.name}_robust", description=f"{base.name} fine-tuned adversarially (L2): {note}")
 
 
-_VGG_WIDE = ZooEntry(
-    "fmnist_vgg_wide",
-    lambda: VGGSmall(num_classes=10, in_channels=1, widths=(48, 96, 192), convs=(1, 2, 1)),
-    "Wide VGG-style CNN (4 conv, 48/96/192 channels, BatchNorm, average pooling) for Fashion-MNIST",
-    (1, 28, 28),
-    10,
-    FASHION_MNIST_NORMALIZE,
-)
-_VGG_WIDER = ZooEntry(
-    "fmnist_vgg_wider",
-    lambda: VGGSmall(num_classes=10, in_channels=1, widths=(64, 128, 256), convs=(1, 2, 1)),
-    "Wider VGG-style CNN (4 conv, 64/128/256 channels, BatchNorm, average pooling): more one-bit channels at T=1",
-    (1, 28, 28),
-    10,
-    FASHION_MNIST_NORMALIZE,
-)
-_VGG_WIDEST = ZooEntry(
-    "fmnist_vgg_widest",
-    lambda: VGGSmall(num_classes=10, in_channels=1, widths=(80, 160, 320), convs=(1, 2, 1)),
-    "Widest VGG-style CNN (4 conv, 80/160/320 channels, BatchNorm, average pooling): more one-bit channels still",
-    (1, 28, 28),
-    10,
-    FASHION_MNIST_NORMALIZE,
-)
+def _fmnist_vgg_4conv(name: str, widths: tuple[int, int, int], size: str, note: str) -> ZooEntry:
+    """A 4-conv VGGSmall for Fashion-MNIST (convs 1, 2, 1 per stage): the wide family for one-timestep use."""
+    channels = f"{widths[0]}/{widths[1]}/{widths[2]}"
+    return ZooEntry(
+        name,
+        lambda: VGGSmall(num_classes=10, in_channels=1, widths=widths, convs=(1, 2, 1)),
+        f"{size} VGG-style CNN (4 conv, {channels} channels, BatchNorm, average pooling){note}",
+        (1, 28, 28),
+        10,
+        FASHION_MNIST_NORMALIZE,
+    )
 
+
+_VGG_WIDE = _fmnist_vgg_4conv("fmnist_vgg_wide", (48, 96, 192), "Wide", " for Fashion-MNIST")
+_VGG_WIDER = _fmnist_vgg_4conv("fmnist_vgg_wider", (64, 128, 256), "Wider", ": more one-bit channels at T=1")
+_VGG_WIDEST = _fmnist_vgg_4conv("fmnist_vgg_widest", (80, 160, 320), "Widest", ": more one-bit channels still")
 
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
