@@ -32,9 +32,10 @@ def known_names(text: str, known, kind: str = "model") -> list[str]:
     return names
 
 
-def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
-    """``KEY=VALUE,...`` of ``--train`` as TrainConfig fields, each value parsed as its field's type; a usage error otherwise."""
-    fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+def parse_fields(text: str, config_class, option: str, parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE,...`` of ``option`` as fields of the dataclass ``config_class``, each value parsed as its
+    field's type (int, float, str or bool); a usage error otherwise."""
+    fields = {field.name: field.type for field in dataclasses.fields(config_class)}
     changes = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -47,5 +48,11 @@ def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
             else:
                 raise ValueError
         except ValueError:
-            parser.error(f"--train {item}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))} and VALUE of its type")
+            names = ", ".join(sorted(name for name, kind in fields.items() if kind in ("int", "float", "str", "bool")))
+            parser.error(f"{option} {item}: expected FIELD=VALUE with FIELD one of {names} and VALUE of its type")
     return changes
+
+
+def parse_train(text: str, parser: argparse.ArgumentParser) -> dict:
+    """``--train KEY=VALUE,...`` as TrainConfig fields."""
+    return parse_fields(text, TrainConfig, "--train", parser)

@@ -1,7 +1,7 @@
 """Benchmark: `edgesnn build --private --binary` on the zoo teachers, measured on the full Fashion-MNIST test set.
 
     .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar] [--keep bench/builds]
-        [--vary synth_count=4096,final_steps=1200]
+        [--vary synth_count=4096,final_steps=1200] [--synth iterations=128,min_iterations=64]
 
 For each zoo model, one build with the chosen budget (the same stages and
 configuration as the CLI), then on the test set: the teacher; the converted SNN
@@ -12,8 +12,9 @@ per stage. With --cifar, also a CIFAR-sized ResNet-20 (3×32×32, random weights
 option-A shortcuts) for time and memory only. The build never reads the test
 set: it is read afterwards, by this script. Prints a Markdown table for
 BENCHMARKS.md and writes the raw figures to bench/results/private_binary_<budget>.json.
---vary changes some of the budget's iteration counts for a probe (the figures then
-go to private_binary_<budget>_varied.json); the CLI's budgets stay as they are.
+--vary changes some of the budget's iteration counts and --synth some SynthConfig
+fields for a probe (the figures then go to private_binary_<budget>_varied.json);
+the CLI's budgets stay as they are.
 """
 
 from __future__ import annotations
@@ -37,20 +38,21 @@ from edgesnn.pipeline import BUDGETS, BuildConfig, build, teacher_bytes_fp32
 from edgesnn.privatize import snn_logits, weight_cosines
 from edgesnn.synth import SynthConfig
 from edgesnn.zoo import ZOO
-from common import DATA, ROOT, known_names, require_data
+from common import DATA, ROOT, known_names, parse_fields, require_data
 
 PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the issue's reference figure)
 
 
-def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0, vary: dict | None = None) -> BuildConfig:
-    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs (with ``vary``: some of the budget's counts changed)."""
+def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0, vary: dict | None = None, synth: dict | None = None) -> BuildConfig:
+    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs (with ``vary``: some of the budget's counts
+    changed; with ``synth``: some SynthConfig fields)."""
     preset = dataclasses.replace(BUDGETS[budget], **(vary or {}))
     privatize = preset.privatize_config(seed=seed)
     binarize = preset.binarize_config(seed=seed)
     return BuildConfig(
         model=model,
         load=load,
-        synth=SynthConfig(count=preset.synth_count, seed=seed),
+        synth=SynthConfig(**{"count": preset.synth_count, "seed": seed, **(synth or {})}),
         convert=ConvertConfig(timesteps=max(privatize.schedule), seed=seed),
         privatize=privatize,
         binarize=binarize,
@@ -76,12 +78,12 @@ def per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float | N
     return [round(correct(predictions[labels == c], c), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
 
 
-def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None) -> dict:
+def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None, synth: dict | None = None) -> dict:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         # A kept build is rebuilt from scratch (force): the timings are the point.
-        result = build(build_config(name, budget, seed=seed, vary=vary), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
+        result = build(build_config(name, budget, seed=seed, vary=vary, synth=synth), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
         build_seconds = round(time.perf_counter() - started, 1)
     test = load_labelled_images(DATA, "test", entry.normalize, limit)
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
@@ -98,6 +100,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "model": name,
         "budget": budget,
         "vary": vary or {},
+        "synth_changes": synth or {},
         "build_seconds": build_seconds,
         "teacher_accuracy": teacher_accuracy,
         "converted_t1_accuracy": accuracy(converted, images, labels, 1),
@@ -130,7 +133,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     return row
 
 
-def run_cifar(budget: str, seed: int, log, vary: dict | None = None) -> dict:
+def run_cifar(budget: str, seed: int, log, vary: dict | None = None, synth: dict | None = None) -> dict:
     """A CIFAR-sized ResNet-20 (random weights): time and peak RSS per stage only."""
     sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
     from resnet_lambda import resnet20  # noqa: E402
@@ -141,12 +144,13 @@ def run_cifar(budget: str, seed: int, log, vary: dict | None = None) -> dict:
         torch.save(resnet20().state_dict(), checkpoint)
         load = LoadConfig(arch=f"{ROOT / 'tests' / 'fixtures' / 'resnet_lambda.py'}:resnet20", input_shape=(3, 32, 32))
         started = time.perf_counter()
-        result = build(build_config(str(checkpoint), budget, load, seed, vary), Path(folder) / "out", progress=lambda *a: None, log=log)
+        result = build(build_config(str(checkpoint), budget, load, seed, vary, synth), Path(folder) / "out", progress=lambda *a: None, log=log)
         seconds = round(time.perf_counter() - started, 1)
     row = {
         "model": "cifar_resnet20 (random weights)",
         "budget": budget,
         "vary": vary or {},
+        "synth_changes": synth or {},
         "build_seconds": seconds,
         "binary_fraction": round(binary_share(result.model), 5),
         "size_ratio": round(teacher_bytes_fp32(result.teacher) / model_bytes(result.model), 2),
@@ -208,17 +212,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
     parser.add_argument("--vary", default="", help="change some of the budget's counts, e.g. synth_count=4096,final_steps=1200 (a probe, not the CLI's budget)")
+    parser.add_argument("--synth", default="", help="change SynthConfig fields of the build, e.g. iterations=128,min_iterations=64 (a probe)")
     args = parser.parse_args()
     require_data()
     vary = parse_vary(args.vary, parser)
+    synth = parse_fields(args.synth, SynthConfig, "--synth", parser)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary) for name in known_names(args.models, ZOO)]
-    cifar = run_cifar(args.budget, args.seed, log, vary) if args.cifar else None
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary, synth) for name in known_names(args.models, ZOO)]
+    cifar = run_cifar(args.budget, args.seed, log, vary, synth) if args.cifar else None
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
-    out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}{'_varied' if vary else ''}.json"
+    out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}{'_varied' if vary or synth else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "limit": args.limit, "results": rows, "cifar": cifar}, indent=2) + "\n")
-    budget = args.budget + "".join(f", {key}={value}" for key, value in vary.items())
+    budget = args.budget + "".join(f", {key}={value}" for key, value in {**vary, **{f"synth.{k}": v for k, v in synth.items()}}.items())
     print(f"private_binary_fmnist ({budget}) — {time.strftime('%Y-%m-%d')}, {machine}, {args.limit} test images\n")
     print(markdown(rows, cifar, args.limit))
 

@@ -1,7 +1,7 @@
 """Benchmark: which training images make the best one-timestep student? (a probe for the private stage)
 
     .venv/bin/python bench/privatize_data_fmnist.py [--models fmnist_resnet8,fmnist_vgg] [--builds bench/builds]
-        [--settings default,boundary,session7,bn3,bn10,bn10-long,tv0.1,tv0.3,real] [--count 2048] [--final-steps 600] [--threads 1]
+        [--settings default,boundary,session7,bn3,bn10,bn10-long,tv0.1,tv0.3,build,real] [--count 2048] [--final-steps 600] [--threads 1]
         [--train norm=true,lr=0.003] [--schedule 4,2|none] [--temporal-steps 60]
 
 For each model, the converted SNN of an earlier standard build (BUILDS/<model>/snn.pt,
@@ -19,6 +19,9 @@ conversion is the same in every row, so the rows differ only in the images:
   the SynthConfig default since session 9 does the same in one run);
 - bn10-long: bn10 with 256 iterations per image (at least 192);
 - tv0.1, tv0.3: the defaults with the total variation prior 10× and 30× stronger (smoother images);
+- build: the build's own synthetic images (BUILDS/<model>/synthetic.npz; --count does not apply), so
+  that with the default --train the row repeats the build's private stage (same seed and threads:
+  the same model), and --train seed=N measures how far builds differ by their training seed alone;
 - real: the first --count REAL training images with the teacher's labels. Not data-free:
   it is the ceiling that the synthetic rows are measured against, never a build option.
 
@@ -42,7 +45,7 @@ import torch
 
 from edgesnn.artifacts import SyntheticSet
 from edgesnn.datasets import load_labelled_images
-from edgesnn.pipeline import BUDGETS, load_teacher, read_spiking
+from edgesnn.pipeline import BUDGETS, load_teacher, read_spiking, read_synthetic
 from edgesnn.privatize import privatize, snn_logits, teacher_logits
 from edgesnn.synth import SynthConfig, synthesize
 from edgesnn.zoo import ZOO
@@ -60,19 +63,22 @@ SETTINGS = {
     "tv0.1": {"tv_weight": 0.1},
     "tv0.3": {"tv_weight": 0.3},
     "mix": ("session7", "bn10"),
+    "build": "build",
     "real": None,
 }
 
 
-def training_images(name: str, setting: str, teacher, count: int, seed: int) -> tuple[SyntheticSet, dict]:
-    """The images of one setting, and the synthesis figures (none for real images)."""
+def training_images(name: str, setting: str, teacher, count: int, seed: int, builds: Path) -> tuple[SyntheticSet, dict]:
+    """The images of one setting, and the synthesis figures (none for real images or the build's own)."""
+    if SETTINGS[setting] == "build":
+        return read_synthetic(builds / name / "synthetic.npz"), {}
     if SETTINGS[setting] is None:
         real = load_labelled_images(DATA, "train", ZOO[name].normalize, count)
         images = torch.from_numpy(real.images)
         logits = teacher_logits(teacher, images)
         return SyntheticSet(images, logits.argmax(1), logits, "real", {}), {}
     if isinstance(SETTINGS[setting], tuple):
-        halves = [training_images(name, part, teacher, count // 2 + (count % 2) * (i == 0), seed + i) for i, part in enumerate(SETTINGS[setting])]
+        halves = [training_images(name, part, teacher, count // 2 + (count % 2) * (i == 0), seed + i, builds) for i, part in enumerate(SETTINGS[setting])]
         sets = [half for half, _ in halves]
         mixed = SyntheticSet(
             torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), torch.cat([s.teacher_logits for s in sets]), sets[0].method, {}, {}
@@ -86,7 +92,7 @@ def training_images(name: str, setting: str, teacher, count: int, seed: int) -> 
 def run(name: str, setting: str, args, log) -> dict:
     teacher = load_teacher(name)
     converted = read_spiking(args.builds / name / "snn.pt")
-    images, synth = training_images(name, setting, teacher, args.count, args.seed)
+    images, synth = training_images(name, setting, teacher, args.count, args.seed, args.builds)
     started = time.perf_counter()
     config = BUDGETS["standard"].privatize_config(seed=args.seed)
     schedule = config.schedule if args.schedule is None else args.schedule
