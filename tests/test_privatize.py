@@ -168,3 +168,38 @@ def test_current_norm_folds_exactly_into_the_layer_before(converted, real_images
     logits = snn_logits(folded, images, 1)
     assert (logits.argmax(1) == trained.argmax(1)).float().mean() >= 0.99
     assert torch.allclose(logits, trained, atol=1e-3 * float(trained.abs().max()))
+
+
+def test_current_norms_start_from_clean_training_images(converted, resnet_teacher, resnet_synthetic, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from edgesnn import privatize as module
+    from edgesnn.privatize import TrainingNetwork, train_spiking
+
+    model = replace(converted, timesteps=1)
+    clean = resnet_synthetic.images[:64]
+    network = TrainingNetwork(model, 0.5, norm=True)
+    plain = TrainingNetwork(model, 0.5)
+    currents = {}
+    hooks = [neuron.norm.register_forward_pre_hook(lambda layer, inputs, name=name: currents.__setitem__(name, inputs[0])) for name, neuron in network.neurons.items() if neuron.norm is not None]
+    network.start_norms(clean)
+    for hook in hooks:
+        hook.remove()
+    assert currents and network.training
+    for name, current in currents.items():
+        norm = network.neurons[name].norm
+        mean, variance = current.mean((0, 2, 3)), current.var((0, 2, 3), unbiased=False)
+        assert torch.allclose(norm.bias, mean, atol=1e-4 * float(mean.abs().max()) + 1e-6)
+        assert torch.allclose(norm.weight, (variance + norm.eps).sqrt(), rtol=1e-4)
+    with torch.no_grad():  # on the images it started from, a started norm is the identity (training mode: batch statistics)
+        assert torch.allclose(network(clean, 1, len(clean)), plain(clean, 1, len(clean)), atol=1e-4)
+
+    # train_spiking starts them on its first training images as they are, before any augmented or mixed batch.
+    seen = []
+    monkeypatch.setattr(module.TrainingNetwork, "start_norms", lambda self, images: seen.append(images.clone()))
+    config = TrainConfig(batch_size=16, norm=True, mixup=1.0, cutmix=0.0)
+    train_spiking(model, resnet_teacher.network, resnet_synthetic.images, resnet_synthetic.labels, 1, 1, config)
+    count = min(len(resnet_synthetic.images), module.NORM_START_IMAGES)
+    assert len(seen) == 1 and len(seen[0]) == count
+    rows = [int((resnet_synthetic.images == image).flatten(1).all(1).nonzero()[0]) for image in seen[0]]
+    assert rows == sorted(set(rows)) and rows[0] == 0 and rows[-1] == len(resnet_synthetic.images) - 1  # the whole set, unaugmented
