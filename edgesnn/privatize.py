@@ -25,8 +25,8 @@ minimises ‖ReLU(I) − a·[I ≥ a/2]‖² on the SNN's own input currents I, 
 kept only where it raises agreement with the teacher on a held-out synthetic
 split. With ``TrainConfig.norm`` each neuron fed by its own conv/linear sees its
 input current batch-normalised while training at T=1 (starting as the
-identity; the conv/linear's own bias is frozen, the norm's shift takes its
-place); the running form g·I + h is folded into that layer's weights and
+identity on clean training images; the conv/linear's own bias is frozen, the
+norm's shift takes its place); the running form g·I + h is folded into that layer's weights and
 bias afterwards, so the model that leaves training has no extra op and a
 binary or int8 layer keeps its format. Under torchrun the statistics are
 those of the global batch. On in this stage's T=1 phase (PrivatizeConfig):
