@@ -26,9 +26,9 @@ kept only where it raises agreement with the teacher on a held-out synthetic
 split. With ``TrainConfig.norm`` each neuron fed by its own conv/linear sees its
 input current batch-normalised while training at T=1 (starting as the
 identity on clean training images; the conv/linear's own bias is frozen, the
-norm's shift takes its place); the running form g·I + h is folded into that layer's weights and
-bias afterwards, so the model that leaves training has no extra op and a
-binary or int8 layer keeps its format. Under torchrun the statistics are
+norm's shift takes its place); the running form g·I + h is folded into that
+layer's weights and bias afterwards, so the model that leaves training has no
+extra op and a binary or int8 layer keeps its format. Under torchrun the statistics are
 those of the global batch. On in this stage's T=1 phase (PrivatizeConfig):
 on the wide VGG at the standard budget it lifted private T=1 by 0.4–0.9
 points in every run (six, BENCHMARKS.md sessions 12 and 14; 0 to 0.4 after
@@ -328,7 +328,7 @@ class TrainingNetwork(nn.Module):
         eight) whose first T=1 batch was mixup scored 89.10 and 89.69, the six others 90.67–91.16; started
         here, seeds 0, 1, 2 give 90.83, 90.82, 91.30 (BENCHMARKS.md, session 21).
         """
-        if not any(neuron.norm is not None for neuron in self.neurons.values()):
+        if not self.carriers:  # no neuron has a norm
             return
         was_training = self.training
         self.train()
@@ -521,10 +521,11 @@ def train_spiking(
     images_layout = torch.channels_last if images.dim() == 4 else torch.contiguous_format
     network.to(memory_format=images_layout)  # convolutions forward and backward ~20% faster channels-last on CPU
     teacher_network = teacher_network.to(device, memory_format=images_layout)  # the teacher's forward too: ~10% faster
-    # Spread over the whole set: a synthetic set is made in parts (one per BN weighting), its first rows all of one.
-    # Every rank passes the same images, and the norms' sums over the ranks keep the statistics those of this batch.
-    spread = torch.linspace(0, len(images) - 1, min(len(images), NORM_START_IMAGES)).round().long()
-    network.start_norms(images[spread].contiguous(memory_format=images_layout).to(device))
+    if network.carriers:  # the T=1 norms start on clean images
+        # Spread over the whole set: a synthetic set is made in parts (one per BN weighting), its first rows all of one.
+        # Every rank passes the same images, and the norms' sums over the ranks keep the statistics those of this batch.
+        spread = torch.linspace(0, len(images) - 1, min(len(images), NORM_START_IMAGES)).round().long()
+        network.start_norms(images[spread].contiguous(memory_format=images_layout).to(device))
     trained = distributed.wrap(network, device)  # under torchrun: DDP, each rank on its share of every batch
     generator = torch.Generator().manual_seed(config.seed + 104729 * timesteps)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
