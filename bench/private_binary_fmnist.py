@@ -1,6 +1,6 @@
 """Benchmark: `edgesnn build --private --binary` on the zoo teachers, measured on the full Fashion-MNIST test set.
 
-    .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar] [--keep bench/builds]
+    .venv/bin/python bench/private_binary_fmnist.py [--budget standard] [--models fmnist_resnet8,fmnist_vgg] [--limit 10000] [--cifar] [--keep bench/builds [--resume]]
         [--vary synth_count=4096,final_steps=1200] [--synth iterations=128,min_iterations=64]
 
 For each zoo model, one build with the chosen budget (the same stages and
@@ -78,13 +78,16 @@ def per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float | N
     return [round(correct(predictions[labels == c], c), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
 
 
-def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None, synth: dict | None = None) -> dict:
+def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None, synth: dict | None = None, resume: bool = False) -> dict:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        # A kept build is rebuilt from scratch (force): the timings are the point.
-        result = build(build_config(name, budget, seed=seed, vary=vary, synth=synth), keep / name if keep else Path(folder) / "out", force=True, progress=lambda *a: None, log=log)
+        # A kept build is rebuilt from scratch (force): the timings are the point. With --resume it is resumed instead:
+        # a stage whose configuration and inputs are unchanged is loaded, and reports the seconds it took when it ran.
+        result = build(build_config(name, budget, seed=seed, vary=vary, synth=synth), keep / name if keep else Path(folder) / "out", force=not resume, progress=lambda *a: None, log=log)
         build_seconds = round(time.perf_counter() - started, 1)
+    if resume:  # the whole build's seconds: the resumed stages' recorded ones plus what ran now
+        build_seconds = round(sum(stage["seconds"] for stage in result.stages.values()), 1)
     test = load_labelled_images(DATA, "test", entry.normalize, limit)
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     teacher = result.teacher.network
@@ -124,6 +127,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "privatize_phases": private.metrics["privatize"]["phases"],
         "synth": {k: v for k, v in result.synthetic.metrics.items()},
         "stages": {k: {"seconds": v["seconds"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in result.stages.items()},
+        "resumed_stages": [k for k, v in result.stages.items() if v.get("resumed")],
     }
     row["size_ratio"] = round(row["teacher_fp32_bytes"] / row["model_bytes"], 2)
     log(
@@ -211,14 +215,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
+    parser.add_argument("--resume", action="store_true", help="with --keep: resume each kept build rather than rebuild it (a probe of a later stage; build seconds = the stages' recorded seconds)")
     parser.add_argument("--vary", default="", help="change some of the budget's counts, e.g. synth_count=4096,final_steps=1200 (a probe, not the CLI's budget)")
     parser.add_argument("--synth", default="", help="change SynthConfig fields of the build, e.g. iterations=128,min_iterations=64 (a probe)")
     args = parser.parse_args()
     require_data()
     vary = parse_vary(args.vary, parser)
     synth = parse_fields(args.synth, SynthConfig, "--synth", parser)
+    if args.resume and args.keep is None:
+        parser.error("--resume needs --keep (the folder of the builds to resume)")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary, synth) for name in known_names(args.models, ZOO)]
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary, synth, args.resume) for name in known_names(args.models, ZOO)]
     cifar = run_cifar(args.budget, args.seed, log, vary, synth) if args.cifar else None
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
     out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}{'_varied' if vary or synth else ''}.json"

@@ -23,6 +23,15 @@ The search stops when no candidate fits or ``binary_fraction`` of all weights
 are 1-bit. The first and last layers stay int8 by default: they are small
 and the most sensitive. A final fine-tune with every layer in its deployed
 format closes the gap.
+
+Every fine-tune distils the ANN's outputs and also matches currents: the loss
+adds γ·Σ_l ‖I_l − I_l^float‖² / ‖I_l^float‖² / L, I_l the input current of
+spiking layer l and I_l^float that of the float model the stage started from,
+on the same batch. On the synthetic images the ANN's outputs alone are matched
+almost perfectly (held-out agreement ≥ 99.8%) by binary networks whose currents
+have drifted from the float model's, and real images expose the drift: on the
+widest robust VGG the matching (γ = 1) cut the real-image cost of binarization
+by ~0.4 points (BENCHMARKS.md, session 22).
 """
 
 from __future__ import annotations
@@ -52,6 +61,9 @@ class BinarizeConfig:
     final_steps: int = 300  # fine-tuning steps at the end, every layer in its deployed format
     holdout: float = 0.1  # share of synthetic images held out for the measured estimator
     holdout_views: bool = True  # score each held-out image also flipped and shifted one pixel each way (6 views)
+    # γ of current matching: every fine-tune also pulls each spiking layer's input currents towards those of the
+    # float model the stage starts from (privatize._CurrentMatching); 0 turns it off. Session 22 (BENCHMARKS.md).
+    current_weight: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
 
 
@@ -202,6 +214,8 @@ def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet)
         raise BinarizeError(f"binary fraction {config.binary_fraction} must be in (0, 1]")
     if config.step_steps < 0 or config.final_steps < 0:
         raise BinarizeError("fine-tuning steps must be ≥ 0")
+    if config.current_weight < 0:
+        raise BinarizeError(f"current weight {config.current_weight} must be ≥ 0")
     if not 0 < config.holdout < 0.5:
         raise BinarizeError(f"holdout {config.holdout} must be in (0, 0.5)")
     if tuple(synthetic.images.shape[1:]) != tuple(model.input_shape):
@@ -237,7 +251,8 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     start_agreement = agreement(model, held_images, held_teacher, timesteps)
     model, shared_exact = shared_amplitudes(model)
     shared_agreement = agreement(model, held_images, held_teacher, timesteps)
-    current, _ = train_spiking(model, teacher_network, images, labels, timesteps, config.step_steps, config.train, formats, progress, "int8", latent=True)
+    matching = {"reference": model, "reference_weight": config.current_weight}  # the float currents every fine-tune keeps to
+    current, _ = train_spiking(model, teacher_network, images, labels, timesteps, config.step_steps, config.train, formats, progress, "int8", latent=True, **matching)
     baseline = agreement(_with_formats(current, formats), held_images, held_teacher, timesteps)
     floor = baseline - config.max_loss / 100
 
@@ -262,7 +277,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         step_number += 1
         trial_formats = dict(formats, **{name: "binary"})
         tuned, _ = train_spiking(
-            current, teacher_network, images, labels, timesteps, config.step_steps, replace(config.train, seed=config.train.seed + step_number), trial_formats, progress, f"bin {step_number}", latent=True
+            current, teacher_network, images, labels, timesteps, config.step_steps, replace(config.train, seed=config.train.seed + step_number), trial_formats, progress, f"bin {step_number}", latent=True, **matching
         )
         reached = agreement(_with_formats(tuned, trial_formats), held_images, held_teacher, timesteps)
         tuning_kept = reached >= untuned[name]
@@ -273,7 +288,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         if accepted:
             formats, current = trial_formats, tuned
     final_config = replace(config.train, seed=config.train.seed + 1000)
-    current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final")
+    current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final", **matching)
     current = _with_formats(current, formats)  # idempotent on quantized weights; sets every layer's weight_format
     final_agreement = agreement(current, held_images, held_teacher, timesteps)
 

@@ -21,6 +21,7 @@ inputs are unchanged and whose outputs are intact is loaded, not recomputed.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -211,6 +212,31 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel.
+
+    A training step allocates activations and gradients of tens of MiB each. Above malloc's mmap
+    threshold (dynamic, at most 32 MiB) each such block is a fresh mapping, unmapped when freed, and
+    its first touch costs one page fault per 4 KiB page, every step: a third of a binarize stage's
+    CPU time went to the kernel. With both thresholds at 1 GiB the blocks come from the heap and are
+    reused; 40 one-timestep training steps of the widest VGG take ~8% less time (BENCHMARKS.md,
+    session 22). No result changes. Returns whether it applied (False off glibc, e.g. macOS or musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 # ---------------------------------------------------------------------------
@@ -479,6 +505,7 @@ def build(config: BuildConfig, out: Path, force: bool = False, progress: Progres
     """
     destination = Path(out)
     keys = bundle.load_keys(config.seal)  # a bad key fails now, not after the build
+    keep_freed_memory()
     if not distributed.is_main():
         scratch = Path(tempfile.mkdtemp(prefix=f"edgesnn-rank{distributed.rank()}-"))
         try:
@@ -827,6 +854,7 @@ def _peek_format(path: Path) -> str | None:
 
 def synthesize_to(teacher: Teacher, synth_config, out: Path, progress: Progress = no_progress) -> SyntheticSet:
     """``edgesnn synth``: write synthetic.npz, synthetic.png and teacher.pt into ``out``."""
+    keep_freed_memory()
     synth = _synth()
     synthetic = synth.synthesize(teacher, synth_config, progress)
     write_atomic(out / TEACHER_FILE, teacher_bytes(teacher))

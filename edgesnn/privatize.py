@@ -492,6 +492,45 @@ class _FeatureMatching:
             handle.remove()
 
 
+class _CurrentMatching:
+    """A frozen copy of a reference SNN run beside the student on every training batch.
+
+    loss = Σ_l ‖I_l − I_l^ref‖² / ‖I_l^ref‖² / L over the L spiking layers, I_l the input current of
+    layer l's neurons. The binarize stage uses it with the float model it starts from as the
+    reference: distillation from the ANN's outputs alone lets a binarized network agree with the
+    teacher on the synthetic images through currents of its own, which real images then expose;
+    matching the currents keeps it computing what the private model did. Under torchrun each rank
+    divides by its own share's ‖I_l^ref‖², which for equal shares of one batch is the global figure
+    up to sampling: close to, not exactly, what one process trains.
+    """
+
+    def __init__(self, network: TrainingNetwork, reference: SpikingModel, width: float, device: torch.device, memory_format: torch.memory_format):
+        self.reference = TrainingNetwork(reference, width).eval().to(device, memory_format=memory_format)
+        self.reference.requires_grad_(False)
+        self.student: dict[str, torch.Tensor] = {}
+        self.target: dict[str, torch.Tensor] = {}
+        self.handles = [network.neurons[key].register_forward_pre_hook(self._keep(self.student, key)) for key in network.neurons]
+        self.handles += [self.reference.neurons[key].register_forward_pre_hook(self._keep(self.target, key)) for key in self.reference.neurons]
+
+    @staticmethod
+    def _keep(store: dict, key: str):
+        def hook(module, inputs):
+            store[key] = inputs[0]
+
+        return hook
+
+    def loss(self, inputs: torch.Tensor, timesteps: int, batch: int) -> torch.Tensor:
+        """The current-matching loss of the student's last forward pass, which was on ``inputs``."""
+        with torch.no_grad():
+            self.reference(inputs, timesteps, batch)
+        terms = [(self.student[key] - target).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in self.target.items()]
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def train_spiking(
     model: SpikingModel,
     teacher_network: nn.Module,
@@ -504,12 +543,17 @@ def train_spiking(
     progress: Progress = no_progress,
     task: str = "train",
     latent: bool = False,
+    reference: SpikingModel | None = None,
+    reference_weight: float = 0.0,
 ) -> tuple[SpikingModel, dict]:
     """Distil the teacher into the SNN for ``steps`` Adam steps at ``timesteps``; returns the trained model and loss figures.
 
     ``formats`` (layer -> "float", "int8" or "binary") sets what the forward pass
     sees; with ``latent`` the returned weights are the latent float ones (to
-    continue training), else the quantized ones.
+    continue training), else the quantized ones. With a ``reference`` model (the
+    same graph) and ``reference_weight`` γ > 0 the loss adds γ times the
+    mismatch of every spiking layer's input current to the reference's on the
+    same inputs (``_CurrentMatching``).
     """
     if config.batch_size < distributed.world_size():
         raise PrivatizeError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} torchrun processes sharing each batch")
@@ -532,6 +576,7 @@ def train_spiking(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     temperature = config.temperature
     features = _FeatureMatching(network, teacher_network) if config.feature_weight > 0 else None
+    currents = _CurrentMatching(network, reference, config.surrogate_width, device, images_layout) if reference is not None and reference_weight > 0 else None
     losses = []
     order = torch.randperm(len(images), generator=generator)
     cursor = 0
@@ -562,6 +607,8 @@ def train_spiking(
         loss = distill + config.ce_weight * cross_entropy
         if features is not None:
             loss = loss + config.feature_weight * features.loss(network, timesteps)
+        if currents is not None:
+            loss = loss + reference_weight * currents.loss(inputs, timesteps, len(batch))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -571,6 +618,8 @@ def train_spiking(
     tail = losses[-max(1, steps // 10) :]
     if features is not None:
         features.remove()
+    if currents is not None:
+        currents.remove()
     network.to("cpu")
     teacher_network.to("cpu")
     return network.spiking_model(timesteps, latent), {"steps": steps, "loss_first": round(losses[0], 4), "loss_last": round(sum(tail) / len(tail), 4)}
