@@ -227,9 +227,9 @@ def keep_freed_memory() -> bool:
     its first touch costs one page fault per 4 KiB page, every step: a third of a binarize stage's
     CPU time went to the kernel. With both thresholds at 1 GiB the blocks come from the heap and are
     reused; 40 one-timestep training steps of the widest VGG take ~8% less time (BENCHMARKS.md,
-    session 22). No result changes; the price is a higher peak RSS (the widest VGG's builds:
-    3.5 GiB against 2.8 standard, 4.3 against 2.8 thorough), since the heap keeps what it once held. Returns whether it applied (False
-    off glibc, e.g. macOS or musl).
+    session 22). No result changes; the price is a higher peak RSS (the widest VGG's builds: 3.5 GiB
+    against 2.8 standard, 4.3 against 2.8 thorough), since the heap keeps what it once held.
+    Returns whether it applied (False off glibc, e.g. macOS or musl).
     """
     if not sys.platform.startswith("linux"):
         return False
