@@ -98,7 +98,15 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     converted = result.converted
     # The private model before binarization is the binarize stage's input: rebuild it from the stage record.
     private = result.private
-    private_predictions, binary_predictions = (snn_logits(m, images, 1).argmax(1) for m in (private, final))
+    private_logits, binary_logits = (snn_logits(m, images, 1) for m in (private, final))
+    private_predictions, binary_predictions = private_logits.argmax(1), binary_logits.argmax(1)
+    calibrations = {"private": private.metrics["privatize"].get("output_bias", {}), "binary": final.metrics["binarize"].get("output_bias", {})}
+
+    def uncalibrated(logits: torch.Tensor, calibration: dict) -> float:
+        """Accuracy without the stage's output-bias offsets (the logits less what calibrate_output_bias added)."""
+        offsets = torch.tensor(calibration["offsets"]) if calibration.get("calibrated") else torch.zeros(logits.shape[1])
+        return correct((logits - offsets).argmax(1), labels)
+
     row = {
         "model": name,
         "budget": budget,
@@ -110,6 +118,9 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "converted_t4_accuracy": accuracy(converted, images, labels, converted.timesteps),
         "private_t1_accuracy": correct(private_predictions, labels),
         "binary_t1_accuracy": correct(binary_predictions, labels),
+        "private_t1_accuracy_uncalibrated": uncalibrated(private_logits, calibrations["private"]),
+        "binary_t1_accuracy_uncalibrated": uncalibrated(binary_logits, calibrations["binary"]),
+        "output_bias": calibrations,
         "per_class_accuracy": {
             "classes": list(CLASSES),
             "teacher": per_class(teacher_predictions, labels),

@@ -31,7 +31,10 @@ on the same batch. On the synthetic images the ANN's outputs alone are matched
 almost perfectly (held-out agreement ≥ 99.8%) by binary networks whose currents
 have drifted from the float model's, and real images expose the drift: on the
 widest robust VGG the matching (γ = 1) cut the real-image cost of binarization
-by ~0.4 points (BENCHMARKS.md, session 22).
+by ~0.4 points (BENCHMARKS.md, session 22). After the final fine-tune the
+output layer's bias is calibrated on noisy synthetic images as at the end of
+privatize (``privatize.calibrate_output_bias``): +0.2 to +0.5 on three binary
+models (BENCHMARKS.md, session 23).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import BinarizeError
-from .privatize import TrainConfig, agreement, check_device, binary_weight, quantize, split_holdout, teacher_logits, train_spiking
+from .privatize import TrainConfig, agreement, binary_weight, calibrate_output_bias, check_device, quantize, split_holdout, teacher_logits, train_spiking
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class BinarizeConfig:
     # γ of current matching: every fine-tune also pulls each spiking layer's input currents towards those of the
     # float model the stage starts from (privatize._CurrentMatching); 0 turns it off. Session 22 (BENCHMARKS.md).
     current_weight: float = 1.0
+    bias_noise: float = 0.3  # σ of the noise for the output bias calibrated at the end (privatize.calibrate_output_bias; 0: off)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
 
 
@@ -216,6 +220,8 @@ def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet)
         raise BinarizeError("fine-tuning steps must be ≥ 0")
     if config.current_weight < 0:
         raise BinarizeError(f"current weight {config.current_weight} must be ≥ 0")
+    if not 0 <= config.bias_noise < float("inf"):
+        raise BinarizeError(f"bias noise {config.bias_noise} must be a finite σ ≥ 0")
     if not 0 < config.holdout < 0.5:
         raise BinarizeError(f"holdout {config.holdout} must be in (0, 0.5)")
     if tuple(synthetic.images.shape[1:]) != tuple(model.input_shape):
@@ -290,6 +296,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     final_config = replace(config.train, seed=config.train.seed + 1000)
     current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final", **matching)
     current = _with_formats(current, formats)  # idempotent on quantized weights; sets every layer's weight_format
+    current, calibration = calibrate_output_bias(current, teacher_network, images, synthetic.images[held_index], config.bias_noise, config.train.temperature, config.train.seed)
     final_agreement = agreement(current, held_images, held_teacher, timesteps)
 
     layers = {}
@@ -311,6 +318,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         "steps": steps_log,
         "layers": layers,
         "final_training": losses,
+        "output_bias": calibration,
         "seconds": round(time.perf_counter() - started, 2),
     }
     config_record = dict(model.config, binarize=asdict(config))

@@ -76,8 +76,10 @@ def test_fine_tuning_that_makes_a_step_worse_is_not_kept(one_step, resnet_teache
         return trained, figures
 
     monkeypatch.setattr(stage, "train_spiking", wrecking_trials)
-    config = BinarizeConfig(max_loss=100.0, binary_fraction=0.001, step_steps=2, final_steps=0, holdout=0.2)
+    # No output-bias calibration: the final agreement is then exactly what the untuned step reached.
+    config = BinarizeConfig(max_loss=100.0, binary_fraction=0.001, step_steps=2, final_steps=0, holdout=0.2, bias_noise=0.0)
     metrics = binarize(one_step, resnet_teacher, resnet_synthetic, config).metrics["binarize"]
+    assert metrics["output_bias"] == {"calibrated": False, "reason": "off"}
     (step,) = metrics["steps"]
     assert step["accepted"] and not step["fine_tuning_kept"]
     assert step["agreement_after"] == pytest.approx(metrics["agreement_int8"] - step["agreement_drop"] / 100, abs=1e-3)
@@ -94,7 +96,13 @@ def test_weight_error_of_binary_and_int8_quantizers() -> None:
 
 @pytest.mark.parametrize(
     "config, fragment",
-    [(BinarizeConfig(max_loss=-1), "max loss"), (BinarizeConfig(binary_fraction=1.5), "binary fraction"), (BinarizeConfig(holdout=0.0), "holdout"), (BinarizeConfig(current_weight=-1), "current weight")],
+    [
+        (BinarizeConfig(max_loss=-1), "max loss"),
+        (BinarizeConfig(binary_fraction=1.5), "binary fraction"),
+        (BinarizeConfig(holdout=0.0), "holdout"),
+        (BinarizeConfig(current_weight=-1), "current weight"),
+        (BinarizeConfig(bias_noise=float("nan")), "bias noise nan"),
+    ],
 )
 def test_bad_configuration_is_a_clear_error(one_step, resnet_teacher, resnet_synthetic, config, fragment) -> None:
     with pytest.raises(BinarizeError, match=fragment):

@@ -123,6 +123,7 @@ def test_phases_descend_to_the_final_timestep() -> None:
         (PrivatizeConfig(train=TrainConfig(coding="morse")), "coding 'morse'"),
         (PrivatizeConfig(train=TrainConfig(device="cuda:7")), "device"),
         (PrivatizeConfig(holdout=0.7), "holdout"),
+        (PrivatizeConfig(bias_noise=-0.1), "bias noise -0.1"),
         (PrivatizeConfig(train=TrainConfig(cutmix=0.8, mixup=0.5)), "cutmix 0.8 and mixup 0.5"),
     ],
 )
@@ -203,3 +204,31 @@ def test_current_norms_start_from_clean_training_images(converted, resnet_teache
     assert len(seen) == 1 and len(seen[0]) == count
     rows = [int((resnet_synthetic.images == image).flatten(1).all(1).nonzero()[0]) for image in seen[0]]
     assert rows == sorted(set(rows)) and rows[0] == 0 and rows[-1] == len(resnet_synthetic.images) - 1  # the whole set, unaugmented
+
+
+def test_output_bias_calibration_takes_back_a_class_preference(private, resnet_teacher, resnet_synthetic, real_images) -> None:
+    from dataclasses import replace
+
+    from edgesnn.privatize import calibrate_output_bias
+
+    images = torch.from_numpy(real_images.images)
+    graph = private.graph.copy()
+    output = graph[graph.output]
+    spread = float(snn_logits(private, images, 1).std())
+    output.params["bias"] = output.params["bias"] + 2 * spread * (torch.arange(len(output.params["bias"])) == 0)  # a student that leans to class 0
+    leaning = replace(private, graph=graph)
+    train, held = split_holdout(resnet_synthetic.labels, 0.1, 0)
+    calibrated, metrics = calibrate_output_bias(leaning, resnet_teacher.network, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.3)
+
+    def share_of_class_0(model) -> float:
+        return float((snn_logits(model, images, 1).argmax(1) == 0).float().mean())
+
+    assert metrics["calibrated"] and metrics["held_out_loss_after"] < metrics["held_out_loss_before"]
+    assert metrics["offsets"][0] < -spread  # most of the lean taken back, from synthetic images alone
+    assert share_of_class_0(calibrated) < share_of_class_0(leaning) - 0.1, (share_of_class_0(private), share_of_class_0(leaning), share_of_class_0(calibrated))
+    assert accuracy(calibrated, real_images) > accuracy(leaning, real_images) + 0.05, (accuracy(private, real_images), accuracy(leaning, real_images), accuracy(calibrated, real_images))
+    for node in calibrated.graph.nodes:  # only the output layer's bias moved
+        for key, tensor in node.params.items():
+            assert torch.equal(tensor, leaning.graph[node.name].params[key]) == (node.name != graph.output or key != "bias"), (node.name, key)
+    unchanged, off = calibrate_output_bias(leaning, resnet_teacher.network, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.0)
+    assert unchanged is leaning and off == {"calibrated": False, "reason": "off"}
