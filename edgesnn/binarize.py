@@ -33,7 +33,7 @@ have drifted from the float model's, and real images expose the drift: on the
 widest robust VGG the matching (γ = 1) cut the real-image cost of binarization
 by ~0.4 points (BENCHMARKS.md, session 22). After the final fine-tune the
 output layer's bias is calibrated on noisy synthetic images as at the end of
-privatize (``privatize.calibrate_output_bias``): +0.2 to +0.5 on three binary
+privatize (``privatize.calibrate_output_bias``): +0.2 to +0.5 on five binary
 models (BENCHMARKS.md, session 23).
 """
 

@@ -72,7 +72,7 @@ from .graph import Graph, GraphNetwork, module_key
 CODINGS = ("direct", "rate")
 WEIGHT_FORMATS = ("float", "int8", "binary")
 EVAL_BATCH = 1024
-CALIBRATION_IMAGES = 4096  # at most this many training images (each with its own noise) fit the output bias: ~25 s on 2 cores
+CALIBRATION_IMAGES = 4096  # at most this many training images (each with its own noise) fit the output bias: ~20 s on 2 cores
 CALIBRATION_AGREEMENT_SLACK = 0.005  # an output-bias calibration may cost at most this share of the clean held-out agreement
 NORM_START_IMAGES = 512  # clean training images that set the current norms' starting statistics (TrainingNetwork.start_norms)
 
@@ -109,7 +109,8 @@ class PrivatizeConfig:
     calibrate: bool = True  # recalibrate thresholds to spike amplitudes before a T=1 phase (kept only if it helps)
     holdout: float = 0.1  # share of synthetic images held out to measure agreement with the teacher
     # σ of the Gaussian noise on the synthetic images that the output layer's per-class bias is calibrated on at the
-    # end (calibrate_output_bias; 0: off). 0.3: +0.03 and +0.43 on two thorough private models (BENCHMARKS.md, session 23).
+    # end (calibrate_output_bias; 0: off). 0.3: +0.49 and +0.04 on two thorough private models, −0.37 on a standard one
+    # (BENCHMARKS.md, session 23).
     bias_noise: float = 0.3
     train: TrainConfig = TrainConfig(norm=True)  # the T=1 phase with batch-normalised input currents (module docstring)
 
