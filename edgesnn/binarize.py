@@ -296,7 +296,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     final_config = replace(config.train, seed=config.train.seed + 1000)
     current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final", **matching)
     current = _with_formats(current, formats)  # idempotent on quantized weights; sets every layer's weight_format
-    current, calibration = calibrate_output_bias(current, teacher_network, images, synthetic.images[held_index], config.bias_noise, config.train.temperature, config.train.seed)
+    current, calibration = calibrate_output_bias(current, teacher, images, synthetic.images[held_index], config.bias_noise, config.train.temperature, config.train.seed)
     final_agreement = agreement(current, held_images, held_teacher, timesteps)
 
     layers = {}

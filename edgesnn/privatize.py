@@ -466,10 +466,7 @@ def agreement(model: SpikingModel, images: torch.Tensor, teacher_predictions: to
 
 
 def teacher_logits(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
-    return teacher_logits_of(teacher.network, images)
-
-
-def teacher_logits_of(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    network = teacher.network
     with torch.no_grad():
         return torch.cat([network(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)])
 
@@ -691,7 +688,7 @@ def calibrate_one_step(model: SpikingModel, images: torch.Tensor, samples_per_ch
 # Output-bias calibration
 
 
-def calibrate_output_bias(model: SpikingModel, teacher_network: nn.Module, images: torch.Tensor, held_images: torch.Tensor, noise: float, temperature: float = 4.0, seed: int = 0) -> tuple[SpikingModel, dict]:
+def calibrate_output_bias(model: SpikingModel, teacher: Teacher, images: torch.Tensor, held_images: torch.Tensor, noise: float, temperature: float = 4.0, seed: int = 0) -> tuple[SpikingModel, dict]:
     """Per-class offsets on the output layer's bias so that the SNN matches the teacher on noisy synthetic images.
 
     A student distilled on synthetic images agrees with the teacher on them almost
@@ -723,13 +720,13 @@ def calibrate_output_bias(model: SpikingModel, teacher_network: nn.Module, image
 
     def logits(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         noisy = batch + noise * torch.randn(batch.shape, generator=generator)
-        return snn_logits(model, noisy, timesteps), teacher_logits_of(teacher_network, noisy)
+        return snn_logits(model, noisy, timesteps), teacher_logits(teacher, noisy)
 
     with torch.no_grad():
-        student, teacher = logits(images)
+        student, teacher_out = logits(images)
         held_student, held_teacher = logits(held_images)
-        clean_student, clean_teacher = snn_logits(model, held_images, timesteps), teacher_logits_of(teacher_network, held_images).argmax(1)
-    target, held_target = F.softmax(teacher / temperature, dim=1), F.softmax(held_teacher / temperature, dim=1)
+        clean_student, clean_teacher = snn_logits(model, held_images, timesteps), teacher_logits(teacher, held_images).argmax(1)
+    target, held_target = F.softmax(teacher_out / temperature, dim=1), F.softmax(held_teacher / temperature, dim=1)
 
     def loss(student: torch.Tensor, target: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax((student + offset) / temperature, dim=1), target, reduction="batchmean") * temperature**2
@@ -966,7 +963,7 @@ def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, co
         phase["agreement_after"] = round(agreement(model, held_images, held_teacher, timesteps), 4)
         phase["seconds"] = round(time.perf_counter() - phase_started, 2)
         phases.append(phase)
-    model, calibration = calibrate_output_bias(model, teacher_network, images, held_images, config.bias_noise, config.train.temperature, config.train.seed)
+    model, calibration = calibrate_output_bias(model, teacher, images, held_images, config.bias_noise, config.train.temperature, config.train.seed)
     cosine_after = weight_cosines(converted.graph, model)
     metrics = {
         "timesteps": config.timesteps,

@@ -218,7 +218,7 @@ def test_output_bias_calibration_takes_back_a_class_preference(private, resnet_t
     output.params["bias"] = output.params["bias"] + 2 * spread * (torch.arange(len(output.params["bias"])) == 0)  # a student that leans to class 0
     leaning = replace(private, graph=graph)
     train, held = split_holdout(resnet_synthetic.labels, 0.1, 0)
-    calibrated, metrics = calibrate_output_bias(leaning, resnet_teacher.network, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.3)
+    calibrated, metrics = calibrate_output_bias(leaning, resnet_teacher, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.3)
 
     def share_of_class_0(model) -> float:
         return float((snn_logits(model, images, 1).argmax(1) == 0).float().mean())
@@ -230,5 +230,5 @@ def test_output_bias_calibration_takes_back_a_class_preference(private, resnet_t
     for node in calibrated.graph.nodes:  # only the output layer's bias moved
         for key, tensor in node.params.items():
             assert torch.equal(tensor, leaning.graph[node.name].params[key]) == (node.name != graph.output or key != "bias"), (node.name, key)
-    unchanged, off = calibrate_output_bias(leaning, resnet_teacher.network, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.0)
+    unchanged, off = calibrate_output_bias(leaning, resnet_teacher, resnet_synthetic.images[train], resnet_synthetic.images[held], 0.0)
     assert unchanged is leaning and off == {"calibrated": False, "reason": "off"}
