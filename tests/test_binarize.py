@@ -49,6 +49,26 @@ def test_layer_choice_follows_the_estimator(one_step, resnet_teacher, resnet_syn
     assert chosen == [best] == [metrics["steps"][0]["layer"]]
 
 
+def test_binarize_starts_from_the_private_model_without_its_output_offsets(one_step, resnet_teacher, resnet_synthetic, real_images) -> None:
+    from dataclasses import replace
+
+    offsets = [0.5, -0.25, 0.0, 0.75, -1.0, 0.25, -0.5, 0.0, 0.125, 0.125]
+    graph = one_step.graph.copy()
+    graph[graph.output].params["bias"] = graph[graph.output].params["bias"] + torch.tensor(offsets)
+    recorded = dict(one_step.metrics["privatize"], output_bias={"calibrated": True, "offsets": offsets})
+    calibrated = replace(one_step, graph=graph, metrics=dict(one_step.metrics, privatize=recorded))
+    config = BinarizeConfig(max_loss=100.0, binary_fraction=0.001, step_steps=0, final_steps=0, holdout=0.2, bias_noise=0.0)
+    images = torch.from_numpy(real_images.images)
+
+    def logits(model):
+        return snn_logits(binarize(model, resnet_teacher, resnet_synthetic, config), images, 1)
+
+    plain = logits(one_step)
+    assert torch.allclose(logits(calibrated), plain, atol=1e-4)  # the recorded offsets are taken off first
+    unrecorded = replace(calibrated, metrics=one_step.metrics)  # offsets nobody recorded are part of the model
+    assert not torch.allclose(logits(unrecorded), plain, atol=0.1)
+
+
 def test_a_step_over_budget_is_undone(one_step, resnet_teacher, resnet_synthetic) -> None:
     config = BinarizeConfig(max_loss=0.0, step_steps=0, final_steps=0, holdout=0.2)
     model = binarize(one_step, resnet_teacher, resnet_synthetic, config)
