@@ -765,8 +765,8 @@ def calibrate_output_bias(model: SpikingModel, teacher: Teacher, images: torch.T
     return replace(model, graph=new_graph), {"calibrated": True, **metrics}
 
 
-def without_output_bias(model: SpikingModel, stage: str = "privatize") -> SpikingModel:
-    """The model without the output-bias offsets that ``stage`` calibrated (recorded in its metrics); as it is if there are none.
+def without_output_bias(model: SpikingModel) -> SpikingModel:
+    """The private model without the output-bias offsets privatize calibrated (recorded in its metrics); as it is if there are none.
 
     Binarize starts from the private model as trained, not as calibrated, and
     calibrates afresh at its end: the offsets fit the private model's logits,
@@ -775,7 +775,7 @@ def without_output_bias(model: SpikingModel, stage: str = "privatize") -> Spikin
     them: binary +0.04 (thorough) and +0.19 (standard) on seed-1 builds, inside
     what the stage's runs differ by (BENCHMARKS.md, session 24).
     """
-    calibration = model.metrics.get(stage, {}).get("output_bias", {})
+    calibration = model.metrics.get("privatize", {}).get("output_bias", {})
     if not calibration.get("calibrated"):
         return model
     graph = model.graph.copy()
