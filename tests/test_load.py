@@ -161,7 +161,7 @@ def test_real_zoo_weights_classify_fashion_mnist(name, images, fashion):
     assert accuracy > 0.75, f"{name}: {accuracy:.2f} on 64 test images"
 
 
-@pytest.mark.parametrize("robust", sorted(name for name in ZOO if name.endswith("_robust")))
+@pytest.mark.parametrize("robust", sorted(name for name in ZOO if "_robust" in name))
 def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_loses(robust, monkeypatch):
     """A robust zoo teacher is its base fine-tuned adversarially: the claim that its images are better rests on this."""
     spec = importlib.util.spec_from_file_location("train_zoo", REPO / "scripts" / "train_zoo.py")
@@ -182,7 +182,8 @@ def test_robust_zoo_teacher_keeps_its_class_under_small_perturbations_its_base_l
             scores[name] = [(network(x).argmax(1) == labels).float().mean().item() for x in (images, moved)]
     (base_clean, base_moved), (robust_clean, robust_moved) = scores.values()
     assert robust_clean > 0.9 and robust_clean > base_clean - 0.03, scores  # still a good classifier
-    # Measured (pixel L2 radius 0.5): wide 0.775 against 0.621, wider 0.768 against 0.613, widest 0.775 against 0.623.
+    # Measured (pixel L2 radius 0.5): wide 0.775 against 0.621, wider 0.768 against 0.613, widest 0.775 against 0.623,
+    # widest_robust_long (6 epochs) 0.805 against 0.623.
     assert robust_moved > base_moved + 0.08, scores
 
 

@@ -48,9 +48,9 @@ def _read_metadata() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _robust(base: ZooEntry, note: str) -> ZooEntry:
+def _robust(base: ZooEntry, note: str, suffix: str = "_robust") -> ZooEntry:
     """The zoo entry of ``base`` fine-tuned adversarially (scripts/train_zoo.py ROBUST): same architecture, its own weights."""
-    return dataclasses.replace(base, name=f"{base.name}_robust", description=f"{base.name} fine-tuned adversarially (L2): {note}")
+    return dataclasses.replace(base, name=f"{base.name}{suffix}", description=f"{base.name} fine-tuned adversarially (L2): {note}")
 
 
 def _fmnist_vgg_4conv(name: str, widths: tuple[int, int, int], size: str, note: str) -> ZooEntry:
@@ -94,7 +94,8 @@ ZOO: dict[str, ZooEntry] = {
         _VGG_WIDER,
         _robust(_VGG_WIDER, "its one-timestep SNN gains 1-2 points over the wide one"),
         _VGG_WIDEST,
-        _robust(_VGG_WIDEST, "the best teacher for build --private --binary"),
+        _robust(_VGG_WIDEST, "2 epochs"),
+        _robust(_VGG_WIDEST, "6 epochs, 3x longer; the best teacher for build --private --binary", suffix="_robust_long"),
     )
 }
 
