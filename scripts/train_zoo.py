@@ -57,8 +57,8 @@ class Robust:
 ROBUST = {
     "fmnist_vgg_wide_robust": Robust("fmnist_vgg_wide", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
     "fmnist_vgg_wider_robust": Robust("fmnist_vgg_wider", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),
-    "fmnist_vgg_widest_robust": Robust("fmnist_vgg_widest", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),  # trained with 2 threads, the others with --threads 1
-    "fmnist_vgg_widest_robust_long": Robust("fmnist_vgg_widest", epsilon=0.25, clean_share=0.5, epochs=6, lr=0.01),  # 2 threads
+    "fmnist_vgg_widest_robust": Robust("fmnist_vgg_widest", epsilon=0.25, clean_share=0.5, epochs=2, lr=0.01),  # this and _long trained with 2 threads, the others with --threads 1
+    "fmnist_vgg_widest_robust_long": Robust("fmnist_vgg_widest", epsilon=0.25, clean_share=0.5, epochs=6, lr=0.01),
 }
 
 
