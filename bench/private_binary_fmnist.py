@@ -134,6 +134,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
         "weight_cosine_private": private.metrics["privatize"]["weight_cosine_after"],
         "weight_cosine_binary": weight_cosines(converted.graph, final),
         "layers": {n: {k: v for k, v in layer.items()} for n, layer in final.metrics["binarize"]["layers"].items()},
+        "channels_back": final.metrics["binarize"].get("channels_back", []),
         "binarize_steps": final.metrics["binarize"]["steps"],
         "privatize_phases": private.metrics["privatize"]["phases"],
         "synth": {k: v for k, v in result.synthetic.metrics.items()},
@@ -195,7 +196,7 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
         for name, layer in r["layers"].items():
             drop, error = layer.get("agreement_drop"), layer.get("weight_error")
             lines.append(
-                f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''} | "
+                f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''}{f" ({layer['binary_channels']}/{layer['channels']} channels 1-bit)" if 'binary_channels' in layer else ''} | "
                 f"{'' if drop is None else drop} | {'' if error is None else error} | {r['weight_cosine_private'].get(name, '')} | {r['weight_cosine_binary'].get(name, '')} |"
             )
     lines += ["", "| model | accuracy per true class | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]

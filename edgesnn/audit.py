@@ -379,7 +379,11 @@ def audit(
         "weight_cosine": weight_cosines(reference.graph, model),  # per layer, vs the converted SNN (= BN-folded ANN weights)
         "weight_cosine_reference": "converted SNN" if converted is not None else "the model itself (no converted SNN given)",
         "data_leakage": data_leakage(manifest),
-        "deployed": {"timesteps": model.timesteps, "binary_layers": [n.name for n in model.graph.weighted() if n.attrs.get("weight_format") == "binary"]},
+        "deployed": {
+            "timesteps": model.timesteps,
+            "binary_layers": [n.name for n in model.graph.weighted() if n.attrs.get("weight_format") == "binary"],
+            "mixed_layers": [n.name for n in model.graph.weighted() if n.attrs.get("weight_format") == "mixed"],  # some output channels binary
+        },
         "config": asdict(config),
     }
     if membership is not None:

@@ -21,8 +21,14 @@ undone and that layer is skipped; the remaining candidates are re-estimated
 after every accepted step, since fine-tuning changes what each would cost.
 The search stops when no candidate fits or ``binary_fraction`` of all weights
 are 1-bit. The first and last layers stay int8 by default: they are small
-and the most sensitive. A final fine-tune with every layer in its deployed
-format closes the gap.
+and the most sensitive. With ``size_ratio`` set, bytes the model may still
+spend go back to int8 weights: in the binary layers, last binarized first
+(the costliest the search accepted), the output channels with the highest
+weight error become int8 again, while the deployed model stays at least
+``size_ratio`` times smaller than the fp32 teacher. A layer left with both
+kinds of channel has format "mixed" (its ``binary_rows`` attribute lists the
+1-bit ones). A final fine-tune with every layer in its deployed format closes
+the gap.
 
 Every fine-tune distils the ANN's outputs and also matches currents: the loss
 adds γ·Σ_l ‖I_l − I_l^float‖² / ‖I_l^float‖² / L, I_l the input current of
@@ -47,7 +53,8 @@ import torch
 
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import BinarizeError
-from .privatize import TrainConfig, agreement, binary_weight, calibrate_output_bias, check_device, quantize, split_holdout, teacher_logits, train_spiking, without_output_bias
+from .graph import fold_batchnorm
+from .privatize import TrainConfig, agreement, binary_rows, binary_weight, calibrate_output_bias, check_device, quantize, split_holdout, teacher_logits, train_spiking, without_output_bias
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class BinarizeConfig:
     # float model the stage starts from (privatize._CurrentMatching); 0 turns it off. Session 22 (BENCHMARKS.md).
     current_weight: float = 1.0
     bias_noise: float = 0.3  # σ of the noise for the output bias calibrated at the end (privatize.calibrate_output_bias; 0: off)
+    # After the layer search, int8 goes back to the binary layers' costliest output channels while the model stays
+    # ≥ this many times smaller than the fp32 teacher (``channels_back``); None: off.
+    size_ratio: float | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
 
 
@@ -87,10 +97,11 @@ def _formats(model: SpikingModel) -> dict[str, str]:
 
 
 def _with_formats(model: SpikingModel, formats: dict[str, str]) -> SpikingModel:
-    """The model with each layer's weights quantized to its format (latent weights kept aside by the caller)."""
+    """The model with each layer's weights quantized to its format (latent weights kept aside by the caller).
+    A "mixed" layer's binary output channels are its ``binary_rows`` attribute."""
     graph = model.graph.copy()
     for node in graph.weighted():
-        node.params["weight"] = quantize(node.params["weight"], formats[node.name])
+        node.params["weight"] = quantize(node.params["weight"], formats[node.name], node.attrs.get("binary_rows", ()))
         node.attrs["weight_format"] = formats[node.name]
     return replace(model, graph=graph)
 
@@ -189,27 +200,95 @@ def weight_error(weight: torch.Tensor) -> float:
     return float((weight - binary_weight(weight)).square().sum() / weight.square().sum().clamp_min(1e-12))
 
 
+def _binary_weights(node) -> int:
+    """How many of a conv/linear's weights are 1-bit."""
+    weight = node.params["weight"]
+    return len(binary_rows(node)) * (weight.numel() // weight.shape[0])
+
+
 def binary_share(model: SpikingModel) -> float:
-    """Share of all conv/linear weights that are 1-bit."""
+    """Share of all conv/linear weights that are 1-bit (a mixed layer's binary output channels count)."""
     total = sum(node.params["weight"].numel() for node in model.graph.weighted())
-    binary = sum(node.params["weight"].numel() for node in model.graph.weighted() if node.attrs.get("weight_format") == "binary")
-    return binary / max(1, total)
+    return sum(_binary_weights(node) for node in model.graph.weighted()) / max(1, total)
 
 
 def model_bytes(model: SpikingModel) -> int:
     """Bytes the deployed model's parameters take: 1-bit weights packed 8 per byte plus one fp32 α per
-    output channel, int8 weights plus one fp32 scale per output channel, fp32 for everything else
-    (biases, thresholds, unfolded BatchNorm)."""
+    output channel, int8 weights plus one fp32 scale per output channel (a mixed layer: its binary
+    channels packed, the others a byte a weight), fp32 for everything else (biases, thresholds,
+    unfolded BatchNorm)."""
     total = 0
     for node in model.graph.nodes:
         for key, tensor in node.params.items():
             if key == "weight" and node.op in ("conv", "linear"):
                 kind = node.attrs.get("weight_format", "float")
                 channels = tensor.shape[0]
-                total += {"binary": -(-tensor.numel() // 8) + 4 * channels, "int8": tensor.numel() + 4 * channels}.get(kind, 4 * tensor.numel())
+                if kind in ("binary", "int8", "mixed"):
+                    binary = _binary_weights(node)
+                    total += -(-binary // 8) + (tensor.numel() - binary) + 4 * channels
+                else:
+                    total += 4 * tensor.numel()
             elif key not in ("running_mean", "running_var", "num_batches_tracked") or node.op == "batchnorm":
                 total += 4 * tensor.numel()
     return total + 4 * sum(theta.numel() for theta in model.thresholds.values()) + 4 * len(model.amplitudes)
+
+
+def teacher_bytes_fp32(teacher: Teacher) -> int:
+    """Bytes of the teacher's weights as fp32 with BatchNorm folded (the smallest honest fp32 baseline)."""
+    return 4 * sum(tensor.numel() for node in fold_batchnorm(teacher.graph).nodes for key, tensor in node.params.items() if key not in ("running_mean", "running_var", "num_batches_tracked"))
+
+
+def row_errors(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_o − α_o·sign(W_o)‖² / ‖W_o‖² of each output channel o: what binarizing it costs, per channel."""
+    rows = weight.reshape(weight.shape[0], -1)
+    return (rows - binary_weight(weight).reshape_as(rows)).square().sum(1) / rows.square().sum(1).clamp_min(1e-12)
+
+
+def channels_back(model: SpikingModel, formats: dict[str, str], order: list[str], budget: int, binary_floor: float = 0.0) -> tuple[SpikingModel, dict[str, str], list[dict]]:
+    """Int8 back to output channels of binary layers while the deployed model takes at most ``budget`` bytes.
+
+    Layers in the reverse of ``order`` (the order they were binarized in: the
+    last cost the most agreement when the search took it); within a layer the
+    channels of highest ``row_errors`` first. Stops at the first channel that
+    does not fit, or that would leave less than ``binary_floor`` of all weights
+    1-bit. ``model`` holds the latent weights; returns it with the new formats
+    in its graph (a layer with both kinds of channel: "mixed", its 1-bit
+    channels in the ``binary_rows`` attribute), the formats and a log per layer.
+    """
+    graph = model.graph.copy()
+    formats = dict(formats)
+    total = sum(node.params["weight"].numel() for node in graph.weighted())
+    log = []
+
+    def set_rows(node, rows: list[int]) -> None:
+        channels = node.params["weight"].shape[0]
+        kind = "binary" if len(rows) == channels else "int8" if not rows else "mixed"
+        node.attrs["weight_format"] = formats[node.name] = kind
+        node.attrs.pop("binary_rows", None)
+        if kind == "mixed":
+            node.attrs["binary_rows"] = sorted(rows)
+
+    def fits() -> bool:
+        deployed = replace(model, graph=graph)
+        return model_bytes(deployed) <= budget and sum(_binary_weights(n) for n in graph.weighted()) / max(1, total) >= binary_floor
+
+    for node in graph.weighted():
+        node.attrs["weight_format"] = formats[node.name]
+    for name in reversed([name for name in order if formats[name] == "binary"]):
+        node = graph[name]
+        rows = list(range(node.params["weight"].shape[0]))
+        back = []
+        for row in row_errors(node.params["weight"]).argsort(descending=True).tolist():
+            set_rows(node, [r for r in rows if r != row])
+            if not fits():
+                set_rows(node, rows)
+                break
+            rows.remove(row)
+            back.append(row)
+        log.append({"layer": name, "int8_channels": len(back), "binary_channels": len(rows)})
+        if rows:  # the budget ran out inside this layer
+            break
+    return replace(model, graph=graph), formats, log
 
 
 def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet) -> None:
@@ -225,6 +304,8 @@ def _check(config: BinarizeConfig, model: SpikingModel, synthetic: SyntheticSet)
         raise BinarizeError(f"bias noise {config.bias_noise} must be a finite σ ≥ 0")
     if not 0 < config.holdout < 0.5:
         raise BinarizeError(f"holdout {config.holdout} must be in (0, 0.5)")
+    if config.size_ratio is not None and not 1 <= config.size_ratio < float("inf"):
+        raise BinarizeError(f"size ratio {config.size_ratio} must be a finite number ≥ 1 (times smaller than the fp32 teacher)")
     if tuple(synthetic.images.shape[1:]) != tuple(model.input_shape):
         raise BinarizeError(f"synthetic images have shape {tuple(synthetic.images.shape[1:])} but the model expects {model.input_shape}")
     check_device(config.train.device)
@@ -295,6 +376,14 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         steps_log.append({"layer": name, **estimates[name], "agreement_after": round(reached, 4), "fine_tuning_kept": tuning_kept, "accepted": accepted})
         if accepted:
             formats, current = trial_formats, tuned
+    given_back = []
+    if config.size_ratio is not None:
+        budget = int(teacher_bytes_fp32(teacher) / config.size_ratio)
+        output = model.graph[model.graph.output]
+        if output.op == "linear" and "bias" not in output.params:  # the output-bias calibration may add one
+            budget -= 4 * output.params["weight"].shape[0]
+        order = [step["layer"] for step in steps_log if step["accepted"]]
+        current, formats, given_back = channels_back(current, formats, order, budget, config.binary_fraction or 0.0)
     final_config = replace(config.train, seed=config.train.seed + 1000)
     current, losses = train_spiking(current, teacher_network, images, labels, timesteps, config.final_steps, final_config, formats, progress, "final", **matching)
     current = _with_formats(current, formats)  # idempotent on quantized weights; sets every layer's weight_format
@@ -307,10 +396,11 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
             "weight_format": formats[node.name],
             "weights": sizes[node.name],
             "fixed": node.name in fixed,
+            **({"binary_channels": len(binary_rows(node)), "channels": node.params["weight"].shape[0]} if formats[node.name] == "mixed" else {}),
             **estimates.get(node.name, {}),
         }
     metrics = {
-        "binary_fraction": round(sum(sizes[n] for n, f in formats.items() if f == "binary") / total, 5),
+        "binary_fraction": round(binary_share(current), 5),
         "agreement_start": round(start_agreement, 4),
         "agreement_shared_amplitudes": round(shared_agreement, 4),
         "shared_amplitudes_exact": shared_exact,
@@ -318,6 +408,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         "agreement_final": round(final_agreement, 4),
         "max_loss": config.max_loss,
         "steps": steps_log,
+        "channels_back": given_back,
         "layers": layers,
         "final_training": losses,
         "output_bias": calibration,
@@ -327,4 +418,4 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
     return replace(current, config=config_record, metrics=dict(model.metrics, binarize=metrics))
 
 
-__all__ = ["BinarizeConfig", "binarize", "binary_share", "model_bytes", "shared_amplitudes", "weight_error"]
+__all__ = ["BinarizeConfig", "binarize", "binary_share", "channels_back", "model_bytes", "row_errors", "shared_amplitudes", "teacher_bytes_fp32", "weight_error"]

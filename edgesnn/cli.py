@@ -558,6 +558,12 @@ def build_command(
     binary_steps: Optional[int] = typer.Option(None, "--binary-steps", min=0, help="With --binary: fine-tuning steps after each binarized layer (default: the budget's; the final fine-tune gets 4×)."),
     max_loss: float = typer.Option(6.0, "--max-loss", min=0.0, help="With --binary: agreement points (teacher vs SNN, held-out synthetic images) binarization may cost; lower keeps more layers int8."),
     binary_fraction: Optional[float] = typer.Option(None, "--binary-fraction", min=0.0, max=1.0, help="With --binary: stop once this share of weights is 1-bit."),
+    size_ratio: Optional[float] = typer.Option(
+        None,
+        "--size-ratio",
+        min=0.0,
+        help="With --binary: after the layer search, make the output channels binarization hurts most int8 again while the model stays at least this many times smaller than the fp32 teacher (default: 15 for --budget thorough, off otherwise; 0 turns it off).",
+    ),
     threshold_mode: str = THRESHOLD_MODE,
     percentile: float = PERCENTILE,
     per_channel: bool = PER_CHANNEL,
@@ -603,6 +609,10 @@ def build_command(
         preset = dataclasses.replace(preset, final_steps=steps, temporal_steps=steps // 10)
     if binary_steps is not None:
         preset = dataclasses.replace(preset, binarize_step_steps=binary_steps, binarize_final_steps=4 * binary_steps)
+    if size_ratio is not None:
+        if 0 < size_ratio < 1:
+            raise PipelineError(f"--size-ratio {size_ratio}: the model cannot be larger than the fp32 teacher (give a ratio ≥ 1, or 0 for off)")
+        preset = dataclasses.replace(preset, size_ratio=size_ratio or None)
     steps = parse_timesteps(eval_timesteps)
     with distributed.joined(device) as device:  # under torchrun: the process group (cuda: this rank's GPU)
         final_timesteps = timesteps if timesteps is not None else (1 if private else 32)
@@ -661,6 +671,8 @@ def build_document(result, model: str, budget: str) -> dict[str, Any]:
     layers = {}
     for node in final.graph.weighted():
         entry = {"weight_format": node.attrs.get("weight_format", "float"), "weights": node.params["weight"].numel(), "binarized": node.attrs.get("weight_format") == "binary"}
+        if entry["weight_format"] == "mixed":
+            entry.update(binary_channels=len(node.attrs["binary_rows"]), channels=node.params["weight"].shape[0])
         entry.update({k: v for k, v in binary_metrics.get("layers", {}).get(node.name, {}).items() if k in ("weight_error", "agreement_drop", "fixed")})
         if node.name in cosine:
             entry["cosine_to_ann"] = cosine[node.name]
@@ -682,6 +694,8 @@ def build_document(result, model: str, budget: str) -> dict[str, Any]:
     }
     if binary_metrics:
         document["binarize_steps"] = binary_metrics.get("steps", [])
+        if binary_metrics.get("channels_back"):
+            document["channels_back"] = binary_metrics["channels_back"]
     rekey = final.metrics.get("rekey")
     if rekey is not None:
         document["rekey"] = {k: rekey[k] for k in ("rekeyed", "span", "key", "skipped", "reason") if k in rekey}
@@ -716,7 +730,7 @@ def _render_build(result, document: dict[str, Any]) -> None:
             layers.add_row(
                 name,
                 str(layer["weights"]),
-                layer["weight_format"] + (" (fixed)" if layer.get("fixed") else ""),
+                layer["weight_format"] + (" (fixed)" if layer.get("fixed") else "") + (f" ({layer['binary_channels']}/{layer['channels']} channels 1-bit)" if layer["weight_format"] == "mixed" else ""),
                 "" if drop is None else f"{drop:.1f}",
                 "" if error is None else f"{error:.3f}",
                 f"{layer['cosine_to_ann']:.3f}" if "cosine_to_ann" in layer else "",

@@ -189,7 +189,7 @@ def map_layers(model: SpikingModel, tile_size: int) -> list[MappedLayer]:
                 per_tile,
                 -(-weight.shape[1] // per_tile),
                 -(-2 * weight.shape[0] // tile_size),
-                {"binary": 2, "int8": 128}.get(formats, 0),
+                {"binary": 2, "int8": 128, "mixed": 128}.get(formats, 0),  # a mixed layer's binary channels: ±the top level
             )
         )
     return layers

@@ -42,7 +42,7 @@ import torch
 
 from . import __version__, bundle, distributed
 from .artifacts import EvalReport, LoadedModel, Progress, SpikingModel, SyntheticSet, Teacher, no_progress
-from .binarize import BinarizeConfig, binarize, model_bytes
+from .binarize import BinarizeConfig, binarize, model_bytes, teacher_bytes_fp32
 from .capture import CaptureConfig, capture
 from .convert import ConvertConfig, convert, spiking_from_state, spiking_state
 from .archives import check_npz, check_zip
@@ -97,6 +97,7 @@ class Budget:
     final_steps: int  # privatize: optimiser steps at the final T
     binarize_step_steps: int  # binarize: fine-tuning steps after each binarized layer
     binarize_final_steps: int  # binarize: fine-tuning steps at the end
+    size_ratio: float | None = None  # binarize: int8 back to the costliest binary channels within 1/size_ratio of the teacher's bytes
 
     def privatize_config(self, timesteps: int = 1, coding: str = "direct", device: str = "cpu", seed: int = 0) -> PrivatizeConfig:
         """What ``build --private --budget B`` retrains with (``--timesteps``, ``--coding``, ``--device``, ``--seed``)."""
@@ -105,7 +106,7 @@ class Budget:
     def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0) -> BinarizeConfig:
         """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``)."""
         train = TrainConfig(lr=BINARIZE_LR, device=device, seed=seed)
-        return BinarizeConfig(max_loss=max_loss, binary_fraction=binary_fraction, step_steps=self.binarize_step_steps, final_steps=self.binarize_final_steps, train=train)
+        return BinarizeConfig(max_loss=max_loss, binary_fraction=binary_fraction, step_steps=self.binarize_step_steps, final_steps=self.binarize_final_steps, size_ratio=self.size_ratio, train=train)
 
 
 # Measured on 2 CPU cores (BENCHMARKS.md): fast ≈ 3 min, standard ≤ 10 min, thorough ≤ 60 min
@@ -113,7 +114,7 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "fast": Budget(synth_count=1024, temporal_steps=20, final_steps=200, binarize_step_steps=30, binarize_final_steps=100),
     "standard": Budget(synth_count=2048, temporal_steps=60, final_steps=600, binarize_step_steps=80, binarize_final_steps=300),
-    "thorough": Budget(synth_count=8192, temporal_steps=300, final_steps=4000, binarize_step_steps=300, binarize_final_steps=2000),
+    "thorough": Budget(synth_count=8192, temporal_steps=300, final_steps=4000, binarize_step_steps=300, binarize_final_steps=2000, size_ratio=15.0),
 }
 
 
@@ -743,13 +744,6 @@ def _fraction(mask: torch.Tensor) -> float:
 def _seeded(stage_config, seed: int):
     """A privatize/binarize config with the build's seed in its training config."""
     return dataclasses.replace(stage_config, train=dataclasses.replace(stage_config.train, seed=seed))
-
-
-def teacher_bytes_fp32(teacher: Teacher) -> int:
-    """Bytes of the teacher's weights as fp32 with BatchNorm folded (the smallest honest fp32 baseline)."""
-    from .graph import fold_batchnorm
-
-    return 4 * sum(tensor.numel() for node in fold_batchnorm(teacher.graph).nodes for key, tensor in node.params.items() if key not in ("running_mean", "running_var", "num_batches_tracked"))
 
 
 def _compute_stage(filename: str, model: SpikingModel, stage: str):

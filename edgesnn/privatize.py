@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -67,10 +68,10 @@ from torch import nn
 from . import distributed
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import PrivatizeError
-from .graph import Graph, GraphNetwork, module_key
+from .graph import Graph, GraphNetwork, Node, module_key
 
 CODINGS = ("direct", "rate")
-WEIGHT_FORMATS = ("float", "int8", "binary")
+WEIGHT_FORMATS = ("float", "int8", "binary", "mixed")
 EVAL_BATCH = 1024
 CALIBRATION_IMAGES = 4096  # at most this many training images (each with its own noise) fit the output bias: ~20 s on 2 cores
 CALIBRATION_AGREEMENT_SLACK = 0.005  # an output-bias calibration may cost at most this share of the clean held-out agreement
@@ -276,27 +277,47 @@ def int8_weight(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
-def quantize(weight: torch.Tensor, weight_format: str) -> torch.Tensor:
+def mixed_weight(weight: torch.Tensor, binary_rows: Sequence[int]) -> torch.Tensor:
+    """The output channels in ``binary_rows`` as α·sign(W), every other one int8 (format "mixed")."""
+    mask = torch.zeros(weight.shape[0], dtype=torch.bool)
+    mask[list(binary_rows)] = True
+    return torch.where(mask.reshape(-1, *([1] * (weight.dim() - 1))), binary_weight(weight), int8_weight(weight))
+
+
+def quantize(weight: torch.Tensor, weight_format: str, binary_rows: Sequence[int] = ()) -> torch.Tensor:
+    """``weight`` in a format of WEIGHT_FORMATS; a "mixed" layer's binary output channels are ``binary_rows``."""
     if weight_format == "binary":
         return binary_weight(weight)
     if weight_format == "int8":
         return int8_weight(weight)
+    if weight_format == "mixed":
+        return mixed_weight(weight, binary_rows)
     return weight
 
 
 class _StraightThrough(nn.Module):
     """A parametrization: forward sees the quantized weight, the gradient passes to the latent one."""
 
-    def __init__(self, weight_format: str):
+    def __init__(self, weight_format: str, binary_rows: Sequence[int] = ()):
         super().__init__()
         self.weight_format = weight_format
+        self.binary_rows = tuple(binary_rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (quantize(weight, self.weight_format) - weight).detach()
+        return weight + (quantize(weight, self.weight_format, self.binary_rows) - weight).detach()
 
 
 def weight_format(graph: Graph, name: str) -> str:
     return graph[name].attrs.get("weight_format", "float")
+
+
+def binary_rows(node: Node) -> tuple[int, ...]:
+    """The output channels of a conv/linear held as α·sign(W): all of a binary layer's, a mixed layer's
+    ``binary_rows`` attribute, none of an int8 or float layer's."""
+    kind = node.attrs.get("weight_format", "float")
+    if kind == "binary":
+        return tuple(range(node.params["weight"].shape[0]))
+    return tuple(node.attrs.get("binary_rows", ())) if kind == "mixed" else ()
 
 
 # ---------------------------------------------------------------------------
@@ -315,7 +336,8 @@ class TrainingNetwork(nn.Module):
         self.formats.update(formats or {})
         for name, kind in self.formats.items():
             if kind != "float":
-                torch.nn.utils.parametrize.register_parametrization(self.network.layer(name), "weight", _StraightThrough(kind))
+                rows = model.graph[name].attrs.get("binary_rows", ()) if kind == "mixed" else ()
+                torch.nn.utils.parametrize.register_parametrization(self.network.layer(name), "weight", _StraightThrough(kind, rows))
         self.carriers: dict[str, str] = {}
         if norm:
             for name, theta in model.thresholds.items():
@@ -375,8 +397,8 @@ class TrainingNetwork(nn.Module):
             if not norm.started:
                 continue
             scale, shift = norm.fold()
-            # g·(W·x + b) + h: W and b scaled per output channel. A binary or int8 weight stays one (α and the int8 scale
-            # take |g|, the sign flips where g < 0), so the fold keeps each layer's format exactly.
+            # g·(W·x + b) + h: W and b scaled per output channel. A binary or int8 weight row stays one (α and the int8
+            # scale take |g|, the sign flips where g < 0), so the fold keeps each layer's format exactly, a mixed one's too.
             _scale_rows(graph[carrier], scale)
             graph[carrier].params["bias"] = graph[carrier].params["bias"] + shift
         for node in graph.of_op("batchnorm"):
@@ -560,7 +582,8 @@ def train_spiking(
 ) -> tuple[SpikingModel, dict]:
     """Distil the teacher into the SNN for ``steps`` Adam steps at ``timesteps``; returns the trained model and loss figures.
 
-    ``formats`` (layer -> "float", "int8" or "binary") sets what the forward pass
+    ``formats`` (layer -> "float", "int8", "binary" or "mixed", whose binary
+    output channels are the layer's ``binary_rows`` attribute) sets what the forward pass
     sees; with ``latent`` the returned weights are the latent float ones (to
     continue training), else the quantized ones. With a ``reference`` model (the
     same graph) and ``reference_weight`` γ > 0 the loss adds γ times the
@@ -1005,11 +1028,13 @@ __all__ = [
     "TrainableIF",
     "TrainingNetwork",
     "agreement",
+    "binary_rows",
     "binary_weight",
     "calibrate_one_step",
     "calibrate_output_bias",
     "check_device",
     "int8_weight",
+    "mixed_weight",
     "phase_timesteps",
     "privatize",
     "quantize",

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .artifacts import Progress, SpikingModel, Teacher, no_progress
 from .errors import EdgeSNNError
 from .graph import Graph, GraphNetwork, Node, fold_batchnorm
+from .privatize import binary_rows
 
 TARGET_DIR = Path(__file__).parent / "targets"
 # Built-in targets: name -> TOML file shipped with edgesnn.
@@ -212,18 +213,31 @@ def dense_macs(node: Node) -> int:
     return int(math.prod(node.shape)) * fan_in(node)
 
 
-def weight_bits(node: Node) -> int:
+def binary_weight_share(node: Node) -> float:
+    """Share of a conv/linear's weights that are 1-bit: 1 binary, 0 int8 or float, a mixed layer's binary channels."""
+    return len(binary_rows(node)) / node.params["weight"].shape[0]
+
+
+def weight_bits(node: Node) -> float:
+    """Bits per weight; a mixed layer's mean over its binary (1) and int8 (8) output channels."""
+    if weight_format(node) == "mixed":
+        share = binary_weight_share(node)
+        return round(share + 8 * (1 - share), 4)
     return {"binary": 1, "int8": 8}.get(weight_format(node), 32)
 
 
 def layer_weight_bytes(node: Node, weight_format_name: str | None = None) -> int:
-    """Bytes of a conv/linear's parameters in a format: packed weights, per-channel scales, fp32 bias."""
+    """Bytes of a conv/linear's parameters in a format: packed weights (a mixed layer: its binary channels
+    packed, the others a byte a weight), per-channel scales, fp32 bias."""
     kind = weight_format_name or weight_format(node)
     weight = node.params["weight"]
     channels = weight.shape[0]
     bias = 4 * node.params["bias"].numel() if "bias" in node.params else 0
     if kind == "binary":
         return -(-weight.numel() // 8) + 4 * channels + bias
+    if kind == "mixed":
+        binary = len(binary_rows(node)) * (weight.numel() // channels)
+        return -(-binary // 8) + weight.numel() - binary + 4 * channels + bias
     if kind == "int8":
         return weight.numel() + 4 * channels + bias
     return 4 * weight.numel() + bias
@@ -434,8 +448,8 @@ def count_ann(graph: Graph, images: torch.Tensor, progress: Progress = no_progre
 
 
 def integer_model(model: SpikingModel) -> bool:
-    """True when every conv/linear is int8 or binary: the SNN then runs in integers."""
-    return all(weight_format(node) in ("int8", "binary") for node in model.graph.weighted())
+    """True when every conv/linear is int8, binary or mixed: the SNN then runs in integers."""
+    return all(weight_format(node) in ("int8", "binary", "mixed") for node in model.graph.weighted())
 
 
 def count_snn(model: SpikingModel, images: torch.Tensor, timesteps: int | None = None, progress: Progress = no_progress) -> dict[str, Any]:
@@ -461,6 +475,7 @@ def count_snn(model: SpikingModel, images: torch.Tensor, timesteps: int | None =
             "weight_format": weight_format(node),
             "weights": node.params["weight"].numel(),
             "weight_bits": weight_bits(node),
+            "binary_share": binary_weight_share(node),
             "weight_bytes": layer_weight_bytes(node),
             "fan_in": fan_in(node),
             "outputs": int(math.prod(node.shape)),
@@ -536,6 +551,13 @@ def snn_op_counts(snn: dict[str, Any]) -> dict[str, float]:
     memory traffic (weights read every step, activations written and read, state read and written)."""
     counts = dict.fromkeys(OP_CLASSES, 0.0)
     for layer in snn["layers"]:
+        if layer["weight_format"] == "mixed":  # each output channel's share of the MACs and ACs, at its own width
+            share = layer["binary_share"]
+            counts["binary_mac"] += share * layer["macs"]
+            counts["int8_mac"] += (1 - share) * layer["macs"]
+            counts["binary_ac"] += share * layer["acs"]
+            counts["int8_ac"] += (1 - share) * layer["acs"]
+            continue
         counts[_mac_class(layer["weight_format"])] += layer["macs"]
         counts[_ac_class(layer["weight_format"])] += layer["acs"]
     integer = snn["integer"]

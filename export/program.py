@@ -13,8 +13,8 @@ network runs in integers:
   that every pixel value keeps its own level: int8 would merge neighbours and
   flip first-layer spikes). Where the normalisation allows, the table is
   exact (``_exact_input_grid``); otherwise it rounds to 1/32767 of the range;
-- a conv/linear layer sums integer weights (int8, or ±1 for a binary layer)
-  times integer inputs into an accumulator `acc` (its real value is σ_c·acc + b_c
+- a conv/linear layer sums integer weights (int8, or ±1 for a binary layer or
+  a mixed layer's binary output channels) times integer inputs into an accumulator `acc` (its real value is σ_c·acc + b_c
   with σ_c = weight scale × input scale);
 - a neuron fires where acc ≥ ⌈(θ_c(1 − v0) − b_c) / σ_c⌉, an integer threshold:
   the bias disappears into it and no rescaling is needed;
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from edgesnn.artifacts import SpikingModel
 from edgesnn.binarize import shared_amplitudes
-from edgesnn.privatize import int8_weight
+from edgesnn.privatize import binary_rows, int8_weight
 from edgesnn.errors import ExportError
 from edgesnn.graph import Node
 
@@ -128,6 +128,13 @@ def _binary_codes(weight: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarra
         raise ExportError(f"export: node {where!r} is marked binary but its weights are not ±α per output channel")
     signs = np.where(rows >= 0, 1, -1).astype(np.int8)
     return signs.reshape(weight.shape), alpha
+
+
+def _mixed_codes(weight: np.ndarray, rows: list[int], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scale) of a mixed layer: ±1 and α in its binary output channels ``rows``, int8 elsewhere."""
+    codes, scale = _int8_codes(weight)
+    codes[rows], scale[rows] = _binary_codes(weight[rows], where)
+    return codes, scale
 
 
 class _Lowering:
@@ -220,16 +227,19 @@ class _Lowering:
             if isinstance(a["padding"], str):
                 raise self.error(node, f"padding {a['padding']!r} must be given as integers")
         kind = node.attrs.get("weight_format", "float")
+        rows = list(binary_rows(node))
         scale = _scalar_scale(tensor)
         if scale is None:
-            if kind == "binary":
-                raise self.error(node, "is binary but its input channels have different scales (run binarize with this version)")
+            if rows:
+                raise self.error(node, "has binary channels but its input channels have different scales (run binarize with this version)")
             # Fold the per-channel input scale into the weights; int8 codes are then recomputed.
             scale = float(tensor.scale.max())
             weight = weight * (tensor.scale / scale).reshape(1, -1, 1, 1)
             kind = "float"
         if kind == "binary":
             codes, weight_scale = _binary_codes(weight, node.name)
+        elif kind == "mixed":
+            codes, weight_scale = _mixed_codes(weight, rows, node.name)
         else:
             codes, weight_scale = _int8_codes(weight)
         bias = node.params["bias"].detach().double().numpy() if "bias" in node.params else np.zeros(weight.shape[0])
@@ -240,7 +250,7 @@ class _Lowering:
         if maximum > INT32_MAX:
             raise self.error(node, f"its accumulator could reach {maximum}, beyond 32 bits")
         out = self.add_tensor(TensorSpec(node.name, "s32", (out_channels, height, width), maximum, weight_scale * scale, bias))
-        self.emit(Op("conv", [tensor.name], out.name, node.name, {"stride": stride, "padding": padding, "binary": kind == "binary"}, {"weight": codes}))
+        self.emit(Op("conv", [tensor.name], out.name, node.name, {"stride": stride, "padding": padding, "binary": kind == "binary", "binary_rows": rows if kind == "mixed" else []}, {"weight": codes}))
         self.value[node.name] = out.name
 
     _conv = _weighted
@@ -476,14 +486,14 @@ def deployment_model(model: SpikingModel) -> SpikingModel:
     if model.timesteps != 1:
         raise ExportError(f"export: the integer program is for one-timestep models; this one runs T={model.timesteps} (build with --private, or --timesteps 1)")
     if len(model.amplitudes) < len(model.thresholds):
-        if any(node.attrs.get("weight_format") == "binary" for node in model.graph.weighted()):
+        if any(node.attrs.get("weight_format") in ("binary", "mixed") for node in model.graph.weighted()):
             raise ExportError("export: this model was binarized with per-channel spike amplitudes (an older edgesnn); rebuild its binarize stage to export it")
         model, _ = shared_amplitudes(model)
-    if all(node.attrs.get("weight_format") in ("int8", "binary") for node in model.graph.weighted()):
+    if all(node.attrs.get("weight_format") in ("int8", "binary", "mixed") for node in model.graph.weighted()):
         return model
     graph = model.graph.copy()
     for node in graph.weighted():
-        if node.attrs.get("weight_format") not in ("int8", "binary"):
+        if node.attrs.get("weight_format") not in ("int8", "binary", "mixed"):
             node.params["weight"] = int8_weight(node.params["weight"])
             node.attrs["weight_format"] = "int8"
     return replace(model, graph=graph)

@@ -10,7 +10,8 @@
 - ``Makefile``: ``make`` builds the harness with ``-std=c99 -Wall -Wextra -Werror``.
 
 Binary layers are stored 1 bit per weight (sign bits packed 32 to a word);
-other layers as int8. Nothing is allocated at run time.
+other layers as int8; a mixed layer its binary output channels as bits and
+the others as int8. Nothing is allocated at run time.
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ def pack_signs(signs: np.ndarray) -> np.ndarray:
     return words.astype(np.uint32)
 
 
+def mixed_tables(weight: np.ndarray, binary: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mixed layer's C tables: packed signs of its ``binary`` output channels, int8 codes of the others
+    ([kh][kw][C][int8 channels]) and, per output channel, k for int8 column k or -(k + 1) for binary row k."""
+    int8 = [o for o in range(weight.shape[0]) if o not in set(binary)]
+    rows = np.zeros(weight.shape[0], dtype=np.int16)
+    rows[int8] = np.arange(len(int8))
+    rows[binary] = -1 - np.arange(len(binary))
+    return pack_signs(weight[binary]), np.transpose(weight[int8], (2, 3, 1, 0)), rows
+
+
 def _dims(spec: TensorSpec) -> str:
     return "{%d, %d, %d}" % spec.shape
 
@@ -157,7 +168,18 @@ class _Writer:
             body.append(f"const esnn_conv_output output = {{{threshold}, NULL, {self.write(op.output)}}};")
         else:
             body.append(f"const esnn_conv_output output = {{NULL, {self.write(op.output)}, NULL}};")
-        if op.attrs["binary"]:
+        if op.attrs.get("binary_rows"):
+            if source.kind != "bits":
+                raise ExportError(f"export c: mixed layer {op.source!r} must read a spike map, not {source.kind}")
+            packed, codes, rows = mixed_tables(weight, op.attrs["binary_rows"])
+            binary_table = self.constant(index, "weight_binary", "uint32_t", packed) if packed.size else "NULL"
+            int8_table = self.constant(index, "weight_int8", "int8_t", codes) if codes.size else "NULL"
+            row_table = self.constant(index, "rows", "int16_t", rows)
+            body.append(
+                f"status = esnn_conv_mixed_bits(&params, &in_dims, {source.planes}, {self.read(source.name)}, {binary_table}, {int8_table}, {codes.shape[-1]}, {row_table}, "
+                f"&out_dims, (int32_t *)(void *)(arena.bytes + {self.scratch}), &output);"
+            )
+        elif op.attrs["binary"]:
             if source.kind != "bits":
                 raise ExportError(f"export c: binary layer {op.source!r} must read a spike map, not {source.kind}")
             packed = self.constant(index, "weight", "uint32_t", pack_signs(weight))
@@ -443,7 +465,10 @@ def weight_bytes(program: Program) -> int:
     total = program.input_table.size * 2
     for op in program.ops:
         for key, array in op.arrays.items():
-            if key == "weight" and op.attrs.get("binary"):
+            if key == "weight" and op.attrs.get("binary_rows"):
+                packed, codes, rows = mixed_tables(array, op.attrs["binary_rows"])
+                total += packed.size * 4 + codes.size + rows.size * 2
+            elif key == "weight" and op.attrs.get("binary"):
                 total += pack_signs(array).size * 4
             elif key == "weight":
                 total += array.size

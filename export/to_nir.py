@@ -26,8 +26,8 @@ with those ops (option-A shortcuts) gets an ``ExportError`` naming the node.
 
 NIR has no bit-width field. Quantization is kept in the **node metadata** of
 the file (no sidecar): every Conv2d/Affine node carries
-``edgesnn_weight_format`` ("binary" or "int8"), ``edgesnn_weight_bits`` (1 or
-8) and ``edgesnn_weight_scale`` (per output channel: α for α·sign(W), the
+``edgesnn_weight_format`` ("binary", "int8" or "mixed"), ``edgesnn_weight_bits`` (1 or
+8; a mixed layer: one per output channel) and ``edgesnn_weight_scale`` (per output channel: α for α·sign(W), the
 int8 step otherwise), so weight / scale gives the ±1 or int8 codes. IF nodes
 carry ``edgesnn_threshold`` (θ), ``edgesnn_initial_membrane`` (v₀) and
 ``edgesnn_fires_at`` (θ(1 − v₀), the ≥ comparison). The graph's metadata
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from edgesnn import __version__
 from edgesnn.artifacts import SpikingModel
 from edgesnn.errors import ExportError
+from edgesnn.privatize import binary_rows
 from edgesnn.graph import Node
 
 from .program import deployment_model
@@ -142,11 +143,14 @@ class _NirWriter:
     def _weight_metadata(self, node: Node, weight: np.ndarray) -> dict:
         kind = node.attrs.get("weight_format", "float")
         rows = weight.reshape(weight.shape[0], -1)
+        binary = np.zeros(len(rows), dtype=bool)
+        binary[list(binary_rows(node))] = True
+        scale = np.where(binary, np.abs(rows).max(1), np.abs(rows).max(1) / 127).astype(np.float32)
         if kind == "binary":
-            scale = np.abs(rows).max(1)
-            return {"edgesnn_weight_format": "binary", "edgesnn_weight_bits": 1, "edgesnn_weight_scale": scale.astype(np.float32)}
-        scale = np.abs(rows).max(1) / 127
-        return {"edgesnn_weight_format": "int8", "edgesnn_weight_bits": 8, "edgesnn_weight_scale": scale.astype(np.float32)}
+            return {"edgesnn_weight_format": "binary", "edgesnn_weight_bits": 1, "edgesnn_weight_scale": scale}
+        if kind == "mixed":
+            return {"edgesnn_weight_format": "mixed", "edgesnn_weight_bits": np.where(binary, 1, 8).astype(np.int64), "edgesnn_weight_scale": scale}
+        return {"edgesnn_weight_format": "int8", "edgesnn_weight_bits": 8, "edgesnn_weight_scale": scale}
 
     def _conv(self, node: Node) -> None:
         a = node.attrs

@@ -186,51 +186,87 @@ int32_t esnn_conv_s8_bits_get_buffer_size(const esnn_dims *out_dims)
     return out_dims->c * (int32_t)sizeof(int32_t);
 }
 
-esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
-                              const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output)
+/* Event-driven int8 sums over the window at (oy, ox): only the set bits add their weight row (``columns``
+   int8, contiguous, [kh][kw][in][columns]), shifted by the bit's plane. Silent inputs cost nothing. */
+static void window_s8_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
+                           const int8_t *weights, int32_t columns, int32_t oy, int32_t ox, int32_t *acc)
 {
-    int32_t oy, ox, o, ky, kx, p, j, words, stride;
-    if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL || buffer == NULL || planes < 1 || planes > 16) {
-        return ESNN_ERROR_ARGUMENT;
-    }
-    words = ESNN_WORDS(in_dims->c);
-    stride = plane_words(in_dims);
-    conv_clear(output, out_dims);
-    for (oy = 0; oy < out_dims->h; oy++) {
-        for (ox = 0; ox < out_dims->w; ox++) {
-            int32_t *acc = buffer;
-            acc_clear(acc, out_dims->c);
-            /* Event-driven: only the set bits of the window add their weight row (one int8 per output
-               channel, contiguous), shifted by the bit's plane. Silent inputs cost nothing. */
-            for (ky = 0; ky < params->kernel_h; ky++) {
-                const int32_t iy = oy * params->stride_h - params->pad_h + ky;
-                if (iy < 0 || iy >= in_dims->h) {
-                    continue;
-                }
-                for (kx = 0; kx < params->kernel_w; kx++) {
-                    const int32_t ix = ox * params->stride_w - params->pad_w + kx;
-                    const int8_t *tap;
-                    if (ix < 0 || ix >= in_dims->w) {
-                        continue;
-                    }
-                    tap = weights + (ky * params->kernel_w + kx) * in_dims->c * out_dims->c;
-                    for (p = 0; p < planes; p++) {
-                        const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
-                        for (j = 0; j < words; j++) {
-                            uint32_t bits = x[j];
-                            while (bits != 0u) {
-                                const int32_t c = j * 32 + lowest_bit(bits);
-                                const int8_t *row = tap + c * out_dims->c;
-                                bits &= bits - 1u;
-                                for (o = 0; o < out_dims->c; o++) {
-                                    acc[o] += (int32_t)row[o] * (1 << p);
-                                }
-                            }
+    const int32_t words = ESNN_WORDS(in_dims->c);
+    const int32_t stride = plane_words(in_dims);
+    int32_t ky, kx, p, j, o;
+    acc_clear(acc, columns);
+    for (ky = 0; ky < params->kernel_h; ky++) {
+        const int32_t iy = oy * params->stride_h - params->pad_h + ky;
+        if (iy < 0 || iy >= in_dims->h) {
+            continue;
+        }
+        for (kx = 0; kx < params->kernel_w; kx++) {
+            const int32_t ix = ox * params->stride_w - params->pad_w + kx;
+            const int8_t *tap;
+            if (ix < 0 || ix >= in_dims->w) {
+                continue;
+            }
+            tap = weights + (ky * params->kernel_w + kx) * in_dims->c * columns;
+            for (p = 0; p < planes; p++) {
+                const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
+                for (j = 0; j < words; j++) {
+                    uint32_t bits = x[j];
+                    while (bits != 0u) {
+                        const int32_t c = j * 32 + lowest_bit(bits);
+                        const int8_t *row = tap + c * columns;
+                        bits &= bits - 1u;
+                        for (o = 0; o < columns; o++) {
+                            acc[o] += (int32_t)row[o] * (1 << p);
                         }
                     }
                 }
             }
-            acc_write(output, out_dims, oy * out_dims->w + ox, acc);
+        }
+    }
+}
+
+/* The window at (oy, ox) against bit-packed signs (``sign_row``: [kh][kw][words] of one output channel):
+   sum of x where w = +1 when ``sign_row`` is given, else the sum of all x (shared by every output). */
+static int32_t window_b1_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
+                              const uint32_t *sign_row, int32_t oy, int32_t ox)
+{
+    const int32_t words = ESNN_WORDS(in_dims->c);
+    const int32_t stride = plane_words(in_dims);
+    int32_t ky, kx, p, j, sum = 0;
+    for (ky = 0; ky < params->kernel_h; ky++) {
+        const int32_t iy = oy * params->stride_h - params->pad_h + ky;
+        if (iy < 0 || iy >= in_dims->h) {
+            continue;
+        }
+        for (kx = 0; kx < params->kernel_w; kx++) {
+            const int32_t ix = ox * params->stride_w - params->pad_w + kx;
+            const uint32_t *w = sign_row == NULL ? NULL : sign_row + (ky * params->kernel_w + kx) * words;
+            if (ix < 0 || ix >= in_dims->w) {
+                continue;
+            }
+            for (p = 0; p < planes; p++) {
+                const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
+                for (j = 0; j < words; j++) {
+                    sum += popcount32(w == NULL ? x[j] : (w[j] & x[j])) << p;
+                }
+            }
+        }
+    }
+    return sum;
+}
+
+esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
+                              const int8_t *weights, const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output)
+{
+    int32_t oy, ox;
+    if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL || buffer == NULL || planes < 1 || planes > 16) {
+        return ESNN_ERROR_ARGUMENT;
+    }
+    conv_clear(output, out_dims);
+    for (oy = 0; oy < out_dims->h; oy++) {
+        for (ox = 0; ox < out_dims->w; ox++) {
+            window_s8_bits(params, in_dims, planes, input, weights, out_dims->c, oy, ox, buffer);
+            acc_write(output, out_dims, oy * out_dims->w + ox, buffer);
         }
     }
     return ESNN_OK;
@@ -239,56 +275,58 @@ esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *i
 esnn_status esnn_conv_b1_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
                               const uint32_t *weights, const esnn_dims *out_dims, const esnn_conv_output *output)
 {
-    int32_t oy, ox, o, ky, kx, p, j;
-    int32_t words, stride;
+    int32_t oy, ox, o, row_words;
     if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || weights == NULL || planes < 1 || planes > 16) {
         return ESNN_ERROR_ARGUMENT;
     }
-    words = ESNN_WORDS(in_dims->c);
-    stride = plane_words(in_dims);
+    row_words = params->kernel_h * params->kernel_w * ESNN_WORDS(in_dims->c);
     conv_clear(output, out_dims);
     for (oy = 0; oy < out_dims->h; oy++) {
         for (ox = 0; ox < out_dims->w; ox++) {
             /* sum_c (+-1) x_c = 2 (sum of x where w = +1) - (sum of x): the second term is shared by all outputs. */
-            int32_t total = 0;
-            for (ky = 0; ky < params->kernel_h; ky++) {
-                const int32_t iy = oy * params->stride_h - params->pad_h + ky;
-                for (kx = 0; kx < params->kernel_w; kx++) {
-                    const int32_t ix = ox * params->stride_w - params->pad_w + kx;
-                    if (iy < 0 || iy >= in_dims->h || ix < 0 || ix >= in_dims->w) {
-                        continue;
-                    }
-                    for (p = 0; p < planes; p++) {
-                        const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
-                        for (j = 0; j < words; j++) {
-                            total += popcount32(x[j]) << p;
-                        }
-                    }
-                }
-            }
+            const int32_t total = window_b1_bits(params, in_dims, planes, input, NULL, oy, ox);
             for (o = 0; o < out_dims->c; o++) {
-                int32_t positive = 0;
-                for (ky = 0; ky < params->kernel_h; ky++) {
-                    const int32_t iy = oy * params->stride_h - params->pad_h + ky;
-                    if (iy < 0 || iy >= in_dims->h) {
-                        continue;
-                    }
-                    for (kx = 0; kx < params->kernel_w; kx++) {
-                        const int32_t ix = ox * params->stride_w - params->pad_w + kx;
-                        const uint32_t *w;
-                        if (ix < 0 || ix >= in_dims->w) {
-                            continue;
-                        }
-                        w = weights + ((o * params->kernel_h + ky) * params->kernel_w + kx) * words;
-                        for (p = 0; p < planes; p++) {
-                            const uint32_t *x = input + p * stride + (iy * in_dims->w + ix) * words;
-                            for (j = 0; j < words; j++) {
-                                positive += popcount32(w[j] & x[j]) << p;
-                            }
-                        }
-                    }
-                }
+                const int32_t positive = window_b1_bits(params, in_dims, planes, input, weights + o * row_words, oy, ox);
                 conv_write(output, out_dims, oy * out_dims->w + ox, o, 2 * positive - total);
+            }
+        }
+    }
+    return ESNN_OK;
+}
+
+int32_t esnn_conv_mixed_bits_get_buffer_size(const esnn_dims *out_dims)
+{
+    return esnn_conv_s8_bits_get_buffer_size(out_dims);
+}
+
+esnn_status esnn_conv_mixed_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
+                                 const uint32_t *binary_weights, const int8_t *int8_weights, int32_t int8_channels, const int16_t *rows,
+                                 const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output)
+{
+    int32_t oy, ox, o, row_words;
+    if (!conv_valid(params, in_dims, out_dims, output) || input == NULL || rows == NULL || buffer == NULL || planes < 1 || planes > 16 ||
+        int8_channels < 0 || int8_channels > out_dims->c || (int8_channels > 0 && int8_weights == NULL) || (int8_channels < out_dims->c && binary_weights == NULL)) {
+        return ESNN_ERROR_ARGUMENT;
+    }
+    for (o = 0; o < out_dims->c; o++) {
+        if (rows[o] >= int8_channels || -rows[o] - 1 >= out_dims->c - int8_channels) {
+            return ESNN_ERROR_ARGUMENT;
+        }
+    }
+    row_words = params->kernel_h * params->kernel_w * ESNN_WORDS(in_dims->c);
+    conv_clear(output, out_dims);
+    for (oy = 0; oy < out_dims->h; oy++) {
+        for (ox = 0; ox < out_dims->w; ox++) {
+            const int32_t total = int8_channels < out_dims->c ? window_b1_bits(params, in_dims, planes, input, NULL, oy, ox) : 0;
+            window_s8_bits(params, in_dims, planes, input, int8_weights, int8_channels, oy, ox, buffer);
+            for (o = 0; o < out_dims->c; o++) {
+                int32_t acc;
+                if (rows[o] >= 0) {
+                    acc = buffer[rows[o]];
+                } else {
+                    acc = 2 * window_b1_bits(params, in_dims, planes, input, binary_weights + (-rows[o] - 1) * row_words, oy, ox) - total;
+                }
+                conv_write(output, out_dims, oy * out_dims->w + ox, o, acc);
             }
         }
     }

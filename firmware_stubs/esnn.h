@@ -118,6 +118,29 @@ esnn_status esnn_conv_s8_bits(const esnn_conv_params *params, const esnn_dims *i
 esnn_status esnn_conv_b1_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
                               const uint32_t *weights, const esnn_dims *out_dims, const esnn_conv_output *output);
 
+/** Bytes of the scratch buffer esnn_conv_mixed_bits needs: one int32 accumulator per output channel. */
+int32_t esnn_conv_mixed_bits_get_buffer_size(const esnn_dims *out_dims);
+
+/**
+ * @brief Convolution of a bit map with a mixed layer: some output channels binary (+1/-1, by popcount as
+ *        esnn_conv_b1_bits), the others int8 (event-driven as esnn_conv_s8_bits).
+ * @param[in] params          kernel, stride, padding
+ * @param[in] in_dims         input shape
+ * @param[in] planes          bit planes of the input, 1..16
+ * @param[in] input           bit map
+ * @param[in] binary_weights  bit-packed signs of the binary channels [binary][kh][kw][ESNN_WORDS(in)] (NULL if none)
+ * @param[in] int8_weights    int8 weights of the int8 channels [kh][kw][in][int8_channels] (NULL if none)
+ * @param[in] int8_channels   how many output channels are int8 (the others, out_dims->c - int8_channels, binary)
+ * @param[in] rows            per output channel: k >= 0 for int8 column k, -(k + 1) for binary row k
+ * @param[in] out_dims        output shape
+ * @param[in] buffer          scratch of esnn_conv_mixed_bits_get_buffer_size() bytes, 4-byte aligned
+ * @param[out] output         accumulators or spikes
+ * @return ESNN_OK, or ESNN_ERROR_ARGUMENT
+ */
+esnn_status esnn_conv_mixed_bits(const esnn_conv_params *params, const esnn_dims *in_dims, int32_t planes, const uint32_t *input,
+                                 const uint32_t *binary_weights, const int8_t *int8_weights, int32_t int8_channels, const int16_t *rows,
+                                 const esnn_dims *out_dims, int32_t *buffer, const esnn_conv_output *output);
+
 /**
  * @brief Threshold-and-fire: spike = [acc >= threshold[c]].
  * @param[in] dims        shape of input and output

@@ -58,6 +58,18 @@ def binarized(one_step, resnet_teacher, resnet_synthetic):
     return binarize(one_step, resnet_teacher, resnet_synthetic, config)
 
 
+@pytest.fixture(scope="session")
+def mixed(binarized, one_step, resnet_teacher, resnet_synthetic):
+    """``one_step`` binarized as ``binarized`` with 6,000 bytes more to spend (a size ratio): the spare bytes
+    make some output channels of the last binarized layer int8 again, a "mixed" layer."""
+    from edgesnn.binarize import BinarizeConfig, binarize, model_bytes, teacher_bytes_fp32
+    from edgesnn.privatize import TrainConfig
+
+    ratio = teacher_bytes_fp32(resnet_teacher) / (model_bytes(binarized) + 6000)
+    config = BinarizeConfig(max_loss=100.0, step_steps=3, final_steps=5, holdout=0.2, size_ratio=ratio, train=TrainConfig(batch_size=64, lr=5e-4))
+    return binarize(one_step, resnet_teacher, resnet_synthetic, config)
+
+
 def _as_synthetic(images: torch.Tensor, labels: torch.Tensor):
     from edgesnn.artifacts import SyntheticSet
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from edgesnn.binarize import BinarizeConfig, binarize, binary_share, model_bytes, shared_amplitudes, weight_error
+from edgesnn.binarize import BinarizeConfig, binarize, binary_share, channels_back, model_bytes, row_errors, shared_amplitudes, teacher_bytes_fp32, weight_error
 from edgesnn.errors import BinarizeError
-from edgesnn.privatize import TrainConfig, TrainingNetwork, _CurrentMatching, binary_weight, int8_weight, snn_logits, train_spiking
+from edgesnn.privatize import TrainConfig, TrainingNetwork, _CurrentMatching, binary_rows, binary_weight, int8_weight, mixed_weight, snn_logits, train_spiking
 
 
 def test_binary_layers_hold_exactly_two_values_per_output_channel(binarized) -> None:
@@ -122,6 +124,7 @@ def test_weight_error_of_binary_and_int8_quantizers() -> None:
         (BinarizeConfig(holdout=0.0), "holdout"),
         (BinarizeConfig(current_weight=-1), "current weight"),
         (BinarizeConfig(bias_noise=float("nan")), "bias noise nan"),
+        (BinarizeConfig(size_ratio=0.5), "size ratio 0.5"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(one_step, resnet_teacher, resnet_synthetic, config, fragment) -> None:
@@ -167,3 +170,64 @@ def test_current_matching_keeps_a_binarized_network_near_the_float_currents(one_
     # On real images the trainer never saw, the matched network's currents are the closer ones (measured: 0.51 against
     # 0.77; the binary layer's own error keeps both far from 0 after 20 steps).
     assert _current_mismatch(trained[10.0], shared, images) < 0.9 * _current_mismatch(trained[0.0], shared, images)
+
+
+def _assert_binary_and_int8_rows(node) -> None:
+    """A mixed layer's binary_rows hold ±α each; every other row lies on its own int8 grid."""
+    weight = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
+    binary = set(binary_rows(node))
+    for index, row in enumerate(weight):
+        if index in binary:
+            values = row.unique()
+            assert len(values) <= 2 and torch.allclose(values.abs(), values.abs()[0].expand_as(values))
+        else:
+            steps = row / (row.abs().max() / 127)
+            assert torch.allclose(steps, steps.round(), atol=1e-3) and len(row.unique()) > 2
+
+
+def test_mixed_weight_is_binary_in_its_binary_rows_and_int8_elsewhere() -> None:
+    weight = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    mixed = mixed_weight(weight, [1, 4])
+    assert torch.equal(mixed[[1, 4]], binary_weight(weight)[[1, 4]])
+    assert torch.equal(mixed[[0, 2, 3, 5]], int8_weight(weight)[[0, 2, 3, 5]])
+
+
+def test_channels_back_gives_int8_to_the_costliest_channels_within_the_byte_budget(one_step) -> None:
+    model, _ = shared_amplitudes(one_step)
+    weighted = model.graph.weighted()
+    middle = [node.name for node in weighted[1:-1]]
+    formats = {node.name: ("binary" if node.name in middle else "int8") for node in weighted}
+    graph = model.graph.copy()
+    for node in graph.weighted():
+        node.attrs["weight_format"] = formats[node.name]
+    all_binary = model_bytes(replace(model, graph=graph))
+    last = graph[middle[-1]]
+    row = last.params["weight"][0].numel()
+    budget = all_binary + int(3.5 * (row - row / 8))  # room for three of the last layer's channels as int8
+    result, new_formats, log = channels_back(model, formats, middle, budget)
+    node = result.graph[middle[-1]]
+    assert new_formats[middle[-1]] == node.attrs["weight_format"] == "mixed"
+    assert log == [{"layer": middle[-1], "int8_channels": 3, "binary_channels": last.params["weight"].shape[0] - 3}]
+    int8_rows = sorted(set(range(node.params["weight"].shape[0])) - set(binary_rows(node)))
+    assert int8_rows == sorted(row_errors(last.params["weight"]).argsort(descending=True)[:3].tolist())
+    assert all(new_formats[name] == "binary" for name in middle[:-1])
+    assert all_binary < model_bytes(result) <= budget
+    # Nothing to give: the budget of the all-binary model leaves every layer as it was.
+    _, unchanged, log = channels_back(model, formats, middle, all_binary)
+    assert unchanged == formats and log == [{"layer": middle[-1], "int8_channels": 0, "binary_channels": last.params["weight"].shape[0]}]
+
+
+def test_a_size_ratio_spends_spare_bytes_on_int8_channels(binarized, mixed) -> None:
+    # ``mixed``: binarized as ``binarized`` with a size ratio that leaves 6,000 bytes more to spend.
+    metrics = mixed.metrics["binarize"]
+    assert model_bytes(binarized) < model_bytes(mixed) <= model_bytes(binarized) + 6000
+    assert metrics["channels_back"] and metrics["channels_back"][0]["int8_channels"] > 0
+    layers = [node for node in mixed.graph.weighted() if node.attrs["weight_format"] == "mixed"]
+    assert len(layers) == 1 and metrics["layers"][layers[0].name]["binary_channels"] == len(binary_rows(layers[0]))
+    # Last binarized first: layers that got every channel back are int8 again, the one the budget ran out in is mixed.
+    accepted = [step["layer"] for step in metrics["steps"] if step["accepted"]]
+    assert [entry["layer"] for entry in metrics["channels_back"]] == accepted[::-1][: len(metrics["channels_back"])]
+    assert layers[0].name == metrics["channels_back"][-1]["layer"]
+    assert all(entry["binary_channels"] == 0 and metrics["layers"][entry["layer"]]["weight_format"] == "int8" for entry in metrics["channels_back"][:-1])
+    _assert_binary_and_int8_rows(layers[0])
+    assert metrics["binary_fraction"] == pytest.approx(binary_share(mixed), abs=1e-4) and binary_share(mixed) < binary_share(binarized)

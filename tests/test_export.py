@@ -14,7 +14,7 @@ import pytest
 from edgesnn.errors import ExportError
 from edgesnn.export import compile_c, lower, run_c_harness, run_reference
 from edgesnn.export.program import deployment_model, images_from_pixels
-from edgesnn.export.to_c import c_sources, pack_signs, weight_bytes
+from edgesnn.export.to_c import c_sources, mixed_tables, pack_signs, weight_bytes
 from edgesnn.privatize import snn_logits
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None or shutil.which("make") is None, reason="no C compiler")
@@ -79,6 +79,38 @@ def test_binary_layers_take_one_bit_per_weight(binarized) -> None:
     binary_weights = sum(node.params["weight"].numel() for node in binary_nodes)
     int8_weights = sum(node.params["weight"].numel() for node in binarized.graph.weighted() if node.attrs["weight_format"] == "int8")
     assert weight_bytes(program) < int8_weights + binary_weights / 8 * 1.5 + 4096
+
+
+def test_a_mixed_layer_keeps_its_binary_channels_at_one_bit(mixed) -> None:
+    program = lower(mixed)
+    (op,) = [op for op in program.ops if op.kind == "conv" and op.attrs["binary_rows"]]
+    node = mixed.graph[op.source]
+    assert op.attrs["binary_rows"] == node.attrs["binary_rows"] and not op.attrs["binary"]
+    codes = op.arrays["weight"]
+    binary = op.attrs["binary_rows"]
+    assert set(np.unique(codes[binary])) == {-1, 1} and np.abs(codes[[o for o in range(len(codes)) if o not in binary]]).max() == 127
+    packed, int8, rows = mixed_tables(codes, binary)
+    # Every output channel finds its weights again: binary rows in the packed signs, the others in the int8 columns.
+    bits = (packed[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    out_channels, in_channels, kernel_h, kernel_w = codes.shape
+    unpacked = np.where(bits.reshape(len(binary), kernel_h, kernel_w, -1)[..., :in_channels].transpose(0, 3, 1, 2) == 1, 1, -1)
+    for o in range(out_channels):
+        expected = codes[o]
+        found = int8[..., rows[o]].transpose(2, 0, 1) if rows[o] >= 0 else unpacked[-rows[o] - 1]
+        assert np.array_equal(found, expected), o
+    source = c_sources(program, "edgesnn tests")["esnn_model.c"].decode()
+    index = program.ops.index(op)
+    assert re.search(rf"static const uint32_t op{index}_weight_binary\[{packed.size}\]", source)
+    assert f"esnn_conv_mixed_bits(" in source
+    # The binary channels cost 1/8 of a byte per weight in the C tables.
+    assert weight_bytes(program) < weight_bytes(lower(replace(mixed, graph=_as_int8(mixed.graph, op.source))))
+
+
+def _as_int8(graph, name):
+    graph = graph.copy()
+    graph[name].attrs["weight_format"] = "int8"
+    graph[name].attrs.pop("binary_rows")
+    return graph
 
 
 def test_lowering_refuses_what_it_cannot_express(binarized, one_step) -> None:

@@ -19,8 +19,9 @@ from edgesnn.privatize import snn_logits
 
 
 @pytest.fixture(scope="module")
-def written(binarized, vgg_one_step):
-    return {"binary_resnet": (binarized, nir_bytes(binarized, "edgesnn tests")), "vgg": (vgg_one_step, nir_bytes(vgg_one_step, "edgesnn tests"))}
+def written(binarized, vgg_one_step, mixed):
+    models = {"binary_resnet": binarized, "vgg": vgg_one_step, "mixed_resnet": mixed}
+    return {name: (model, nir_bytes(model, "edgesnn tests")) for name, model in models.items()}
 
 
 @pytest.mark.parametrize("name", ["binary_resnet", "vgg"])
@@ -52,6 +53,20 @@ def test_binary_layers_keep_their_format_in_node_metadata(written) -> None:
         else:
             np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
             assert np.abs(np.round(codes)).max() <= 127
+
+
+def test_a_mixed_layer_has_its_bits_per_output_channel(written) -> None:
+    model, data = written["mixed_resnet"]
+    graph = read_nir(data)
+    (node,) = [node for node in model.graph.weighted() if node.attrs["weight_format"] == "mixed"]
+    metadata = graph.nodes[node.name].metadata
+    assert metadata["edgesnn_weight_format"] in ("mixed", b"mixed")
+    bits = np.asarray(metadata["edgesnn_weight_bits"])
+    assert sorted(np.flatnonzero(bits == 1).tolist()) == node.attrs["binary_rows"] and set(bits.tolist()) == {1, 8}
+    rows = np.asarray(graph.nodes[node.name].weight).reshape(len(bits), -1)
+    codes = rows / np.asarray(metadata["edgesnn_weight_scale"]).reshape(-1, 1)
+    np.testing.assert_allclose(np.abs(codes[bits == 1]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(codes[bits == 8], np.round(codes[bits == 8]), atol=1e-3)
 
 
 def test_thresholds_are_in_metadata_and_fire_at_the_model_level(written) -> None:

@@ -19,11 +19,11 @@ needs_compiler = shutil.which("cc") is None and shutil.which("gcc") is None or s
 
 
 @pytest.fixture(scope="module")
-def models(vgg_one_step, binarized):
-    return {"vgg": vgg_one_step, "binary_resnet": binarized}
+def models(vgg_one_step, binarized, mixed):
+    return {"vgg": vgg_one_step, "binary_resnet": binarized, "mixed_resnet": mixed}
 
 
-@pytest.mark.parametrize("model_name", ["vgg", "binary_resnet"])
+@pytest.mark.parametrize("model_name", ["vgg", "binary_resnet", "mixed_resnet"])
 @pytest.mark.parametrize("target", list(EXPORTERS))
 def test_artifact_predicts_what_pytorch_predicts(models, pixels, tmp_path, target, model_name) -> None:
     if target == "c" and needs_compiler:

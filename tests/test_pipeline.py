@@ -135,6 +135,7 @@ def test_export_command_writes_the_chosen_targets(tmp_path) -> None:
         (["--private", "--budget", "huge"], "--budget 'huge'"),
         (["--private", "--coding", "morse"], "--coding 'morse'"),
         (["--private", "--device", "cuda:7"], "device"),
+        (["--private", "--binary", "--size-ratio", "0.5"], "--size-ratio 0.5"),
     ],
 )
 def test_bad_build_options_are_one_line_errors(tmp_path, args, fragment) -> None:

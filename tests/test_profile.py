@@ -105,6 +105,25 @@ def test_weight_bytes_per_format(small):
     assert snn["memory"]["state_bytes"] == 0  # T = 1: no membrane carried between inferences
 
 
+def test_a_mixed_layer_counts_each_output_channel_at_its_width(small):
+    from dataclasses import replace
+
+    from edgesnn.profile import snn_op_counts
+
+    _, model, images = small
+    graph = model.graph.copy()
+    conv1, conv2, fc = graph.weighted()
+    conv2.attrs["weight_format"], conv2.attrs["binary_rows"] = "mixed", [0, 2]  # channels 0 and 2 of 3 binary, 1 int8
+    fc.attrs["weight_format"] = conv1.attrs["weight_format"] = "int8"
+    snn = count_snn(replace(model, graph=graph), images[:2], 1)
+    layer = {layer["name"]: layer for layer in snn["layers"]}[conv2.name]
+    assert layer["weight_bytes"] == math.ceil(36 / 8) + 18 + 4 * 3 + 4 * 3  # 2 channels × 18 bits packed, 18 int8, α/scale and bias
+    assert layer["weight_bits"] == pytest.approx((2 + 8) / 3, abs=1e-3) and layer["binary_share"] == pytest.approx(2 / 3)
+    assert snn["integer"]
+    counts = snn_op_counts(snn)
+    assert counts["binary_ac"] == pytest.approx(layer["acs"] * 2 / 3) and counts["int8_ac"] == pytest.approx(layer["acs"] / 3 + {l["name"]: l for l in snn["layers"]}[fc.name]["acs"])
+
+
 @pytest.fixture(scope="module")
 def images(real_images):
     return torch.from_numpy(real_images.images[:200]), torch.from_numpy(real_images.labels[:200])
