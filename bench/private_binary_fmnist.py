@@ -196,7 +196,7 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
         for name, layer in r["layers"].items():
             drop, error = layer.get("agreement_drop"), layer.get("weight_error")
             lines.append(
-                f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''}{f" ({layer['binary_channels']}/{layer['channels']} channels 1-bit)" if 'binary_channels' in layer else ''} | "
+                f"| {r['model']} | {name} | {layer['weights']} | {layer['weight_format']}{' (fixed)' if layer.get('fixed') else ''}{mixed_note(layer)} | "
                 f"{'' if drop is None else drop} | {'' if error is None else error} | {r['weight_cosine_private'].get(name, '')} | {r['weight_cosine_binary'].get(name, '')} |"
             )
     lines += ["", "| model | accuracy per true class | " + " | ".join(CLASSES) + " |", "|---|---|" + "---|" * len(CLASSES)]
@@ -204,6 +204,11 @@ def markdown(rows: list[dict], cifar: dict | None, limit: int) -> str:
         for key, what in (("teacher", "teacher"), ("private_t1", "private T=1"), ("binary_t1", "private + binary T=1")):
             lines.append(f"| {r['model']} | {what} | " + " | ".join("" if a is None else f"{100 * a:.1f}" for a in r["per_class_accuracy"][key]) + " |")
     return "\n".join(lines)
+
+
+def mixed_note(layer: dict) -> str:
+    """" (27/160 channels 1-bit)" for a mixed layer, "" for any other."""
+    return f" ({layer['binary_channels']}/{layer['channels']} channels 1-bit)" if "binary_channels" in layer else ""
 
 
 def parse_vary(text: str, parser: argparse.ArgumentParser) -> dict[str, int]:
