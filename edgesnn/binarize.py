@@ -54,7 +54,7 @@ import torch
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import BinarizeError
 from .graph import fold_batchnorm
-from .privatize import TrainConfig, agreement, binary_rows, binary_weight, calibrate_output_bias, check_device, quantize, split_holdout, teacher_logits, train_spiking, without_output_bias
+from .privatize import TrainConfig, agreement, binary_rows, binary_weight, binary_weight_count, calibrate_output_bias, check_device, quantize, split_holdout, teacher_logits, train_spiking, without_output_bias
 
 
 @dataclass(frozen=True)
@@ -200,16 +200,10 @@ def weight_error(weight: torch.Tensor) -> float:
     return float((weight - binary_weight(weight)).square().sum() / weight.square().sum().clamp_min(1e-12))
 
 
-def _binary_weights(node) -> int:
-    """How many of a conv/linear's weights are 1-bit."""
-    weight = node.params["weight"]
-    return len(binary_rows(node)) * (weight.numel() // weight.shape[0])
-
-
 def binary_share(model: SpikingModel) -> float:
     """Share of all conv/linear weights that are 1-bit (a mixed layer's binary output channels count)."""
     total = sum(node.params["weight"].numel() for node in model.graph.weighted())
-    return sum(_binary_weights(node) for node in model.graph.weighted()) / max(1, total)
+    return sum(binary_weight_count(node) for node in model.graph.weighted()) / max(1, total)
 
 
 def model_bytes(model: SpikingModel) -> int:
@@ -224,7 +218,7 @@ def model_bytes(model: SpikingModel) -> int:
                 kind = node.attrs.get("weight_format", "float")
                 channels = tensor.shape[0]
                 if kind in ("binary", "int8", "mixed"):
-                    binary = _binary_weights(node)
+                    binary = binary_weight_count(node)
                     total += -(-binary // 8) + (tensor.numel() - binary) + 4 * channels
                 else:
                     total += 4 * tensor.numel()
@@ -270,7 +264,7 @@ def channels_back(model: SpikingModel, formats: dict[str, str], order: list[str]
 
     def fits() -> bool:
         deployed = replace(model, graph=graph)
-        return model_bytes(deployed) <= budget and sum(_binary_weights(n) for n in graph.weighted()) / max(1, total) >= binary_floor
+        return model_bytes(deployed) <= budget and sum(binary_weight_count(n) for n in graph.weighted()) / max(1, total) >= binary_floor
 
     for node in graph.weighted():
         node.attrs["weight_format"] = formats[node.name]

@@ -320,6 +320,12 @@ def binary_rows(node: Node) -> tuple[int, ...]:
     return tuple(node.attrs.get("binary_rows", ())) if kind == "mixed" else ()
 
 
+def binary_weight_count(node: Node) -> int:
+    """How many of a conv/linear's weights are 1-bit (those of its ``binary_rows``)."""
+    weight = node.params["weight"]
+    return len(binary_rows(node)) * (weight.numel() // weight.shape[0])
+
+
 # ---------------------------------------------------------------------------
 # Training network: a SpikingModel as trainable modules, and back
 
@@ -1029,6 +1035,7 @@ __all__ = [
     "TrainingNetwork",
     "agreement",
     "binary_rows",
+    "binary_weight_count",
     "binary_weight",
     "calibrate_one_step",
     "calibrate_output_bias",

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .artifacts import Progress, SpikingModel, Teacher, no_progress
 from .errors import EdgeSNNError
 from .graph import Graph, GraphNetwork, Node, fold_batchnorm
-from .privatize import binary_rows
+from .privatize import binary_rows, binary_weight_count
 
 TARGET_DIR = Path(__file__).parent / "targets"
 # Built-in targets: name -> TOML file shipped with edgesnn.
@@ -236,7 +236,7 @@ def layer_weight_bytes(node: Node, weight_format_name: str | None = None) -> int
     if kind == "binary":
         return -(-weight.numel() // 8) + 4 * channels + bias
     if kind == "mixed":
-        binary = len(binary_rows(node)) * (weight.numel() // channels)
+        binary = binary_weight_count(node)
         return -(-binary // 8) + weight.numel() - binary + 4 * channels + bias
     if kind == "int8":
         return weight.numel() + 4 * channels + bias
