@@ -35,7 +35,7 @@ from edgesnn.convert import ConvertConfig
 from edgesnn.datasets import load_labelled_images
 from edgesnn.load import LoadConfig
 from edgesnn.pipeline import BUDGETS, BuildConfig, build, teacher_bytes_fp32
-from edgesnn.privatize import snn_logits, weight_cosines
+from edgesnn.privatize import resolve_precision, snn_logits, weight_cosines
 from edgesnn.synth import SynthConfig
 from edgesnn.zoo import ZOO
 from common import DATA, ROOT, known_names, parse_fields, require_data
@@ -43,12 +43,13 @@ from common import DATA, ROOT, known_names, parse_fields, require_data
 PUBLISHED_ONE_STEP = 92.9  # one-timestep binary SNN trained on real data (the issue's reference figure)
 
 
-def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0, vary: dict | None = None, synth: dict | None = None) -> BuildConfig:
-    """What `edgesnn build MODEL --private --binary --budget BUDGET` runs (with ``vary``: some of the budget's counts
-    changed; with ``synth``: some SynthConfig fields)."""
+def build_config(model: str, budget: str, load: LoadConfig = LoadConfig(), seed: int = 0, vary: dict | None = None, synth: dict | None = None, precision: str = "auto") -> BuildConfig:
+    """What `edgesnn build MODEL --private --binary --budget BUDGET --precision P` runs (with ``vary``: some of the
+    budget's counts changed; with ``synth``: some SynthConfig fields)."""
     preset = dataclasses.replace(BUDGETS[budget], **(vary or {}))
-    privatize = preset.privatize_config(seed=seed)
-    binarize = preset.binarize_config(seed=seed)
+    precision = resolve_precision(precision)
+    privatize = preset.privatize_config(seed=seed, precision=precision)
+    binarize = preset.binarize_config(seed=seed, precision=precision)
     return BuildConfig(
         model=model,
         load=load,
@@ -78,13 +79,13 @@ def per_class(predictions: torch.Tensor, labels: torch.Tensor) -> list[float | N
     return [round(correct(predictions[labels == c], c), 4) if bool((labels == c).any()) else None for c in range(len(CLASSES))]
 
 
-def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None, synth: dict | None = None, resume: bool = False) -> dict:
+def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | None = None, vary: dict | None = None, synth: dict | None = None, resume: bool = False, precision: str = "auto") -> dict:
     entry = ZOO[name]
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         # A kept build is rebuilt from scratch (force): the timings are the point. With --resume it is resumed instead:
         # a stage whose configuration and inputs are unchanged is loaded, and reports the seconds it took when it ran.
-        result = build(build_config(name, budget, seed=seed, vary=vary, synth=synth), keep / name if keep else Path(folder) / "out", force=not resume, progress=lambda *a: None, log=log)
+        result = build(build_config(name, budget, seed=seed, vary=vary, synth=synth, precision=precision), keep / name if keep else Path(folder) / "out", force=not resume, progress=lambda *a: None, log=log)
         build_seconds = round(time.perf_counter() - started, 1)
     if resume:  # the whole build's seconds: the resumed stages' recorded ones plus what ran now
         build_seconds = round(sum(stage["seconds"] for stage in result.stages.values()), 1)
@@ -149,7 +150,7 @@ def run_model(name: str, budget: str, limit: int, seed: int, log, keep: Path | N
     return row
 
 
-def run_cifar(budget: str, seed: int, log, vary: dict | None = None, synth: dict | None = None) -> dict:
+def run_cifar(budget: str, seed: int, log, vary: dict | None = None, synth: dict | None = None, precision: str = "auto") -> dict:
     """A CIFAR-sized ResNet-20 (random weights): time and peak RSS per stage only."""
     sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
     from resnet_lambda import resnet20  # noqa: E402
@@ -160,7 +161,7 @@ def run_cifar(budget: str, seed: int, log, vary: dict | None = None, synth: dict
         torch.save(resnet20().state_dict(), checkpoint)
         load = LoadConfig(arch=f"{ROOT / 'tests' / 'fixtures' / 'resnet_lambda.py'}:resnet20", input_shape=(3, 32, 32))
         started = time.perf_counter()
-        result = build(build_config(str(checkpoint), budget, load, seed, vary, synth), Path(folder) / "out", progress=lambda *a: None, log=log)
+        result = build(build_config(str(checkpoint), budget, load, seed, vary, synth, precision), Path(folder) / "out", progress=lambda *a: None, log=log)
         seconds = round(time.perf_counter() - started, 1)
     row = {
         "model": "cifar_resnet20 (random weights)",
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep each build folder as KEEP/<model> (bench/export_fmnist.py reads them)")
     parser.add_argument("--resume", action="store_true", help="with --keep: resume each kept build rather than rebuild it (a probe of a later stage; build seconds = the stages' recorded seconds)")
     parser.add_argument("--vary", default="", help="change some of the budget's counts, e.g. synth_count=4096,final_steps=1200 (a probe, not the CLI's budget)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="training arithmetic, as `edgesnn build --precision` (auto: bf16 on a CPU with avx512_bf16 or AMX)")
     parser.add_argument("--synth", default="", help="change SynthConfig fields of the build, e.g. iterations=128,min_iterations=64 (a probe)")
     args = parser.parse_args()
     require_data()
@@ -242,9 +244,10 @@ def main() -> None:
     if args.resume and args.keep is None:
         parser.error("--resume needs --keep (the folder of the builds to resume)")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary, synth, args.resume) for name in known_names(args.models, ZOO)]
-    cifar = run_cifar(args.budget, args.seed, log, vary, synth) if args.cifar else None
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+    rows = [run_model(name, args.budget, args.limit, args.seed, log, args.keep, vary, synth, args.resume, args.precision) for name in known_names(args.models, ZOO)]
+    cifar = run_cifar(args.budget, args.seed, log, vary, synth, args.precision) if args.cifar else None
+    precision = resolve_precision(args.precision)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}, training precision {precision}"
     out = args.out or Path(__file__).parent / "results" / f"private_binary_{args.budget}{'_varied' if vary or synth else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine, "limit": args.limit, "results": rows, "cifar": cifar}, indent=2) + "\n")

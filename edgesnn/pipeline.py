@@ -99,13 +99,14 @@ class Budget:
     binarize_final_steps: int  # binarize: fine-tuning steps at the end
     size_ratio: float | None = None  # binarize: int8 back to the costliest binary channels within 1/size_ratio of the teacher's bytes
 
-    def privatize_config(self, timesteps: int = 1, coding: str = "direct", device: str = "cpu", seed: int = 0) -> PrivatizeConfig:
-        """What ``build --private --budget B`` retrains with (``--timesteps``, ``--coding``, ``--device``, ``--seed``)."""
-        return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=dataclasses.replace(PrivatizeConfig.train, coding=coding, device=device, seed=seed))
+    def privatize_config(self, timesteps: int = 1, coding: str = "direct", device: str = "cpu", seed: int = 0, precision: str = "fp32") -> PrivatizeConfig:
+        """What ``build --private --budget B`` retrains with (``--timesteps``, ``--coding``, ``--device``, ``--seed``, ``--precision`` resolved)."""
+        train = dataclasses.replace(PrivatizeConfig.train, coding=coding, device=device, seed=seed, precision=precision)
+        return PrivatizeConfig(timesteps=timesteps, temporal_steps=self.temporal_steps, final_steps=self.final_steps, train=train)
 
-    def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0) -> BinarizeConfig:
-        """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``)."""
-        train = TrainConfig(lr=BINARIZE_LR, device=device, seed=seed)
+    def binarize_config(self, max_loss: float = BinarizeConfig.max_loss, binary_fraction: float | None = None, device: str = "cpu", seed: int = 0, precision: str = "fp32") -> BinarizeConfig:
+        """What ``build --binary --budget B`` binarizes with (``--max-loss``, ``--binary-fraction``, ``--device``, ``--seed``, ``--precision`` resolved)."""
+        train = TrainConfig(lr=BINARIZE_LR, device=device, seed=seed, precision=precision)
         return BinarizeConfig(max_loss=max_loss, binary_fraction=binary_fraction, step_steps=self.binarize_step_steps, final_steps=self.binarize_final_steps, size_ratio=self.size_ratio, train=train)
 
 

@@ -71,6 +71,7 @@ from .errors import PrivatizeError
 from .graph import Graph, GraphNetwork, Node, module_key
 
 CODINGS = ("direct", "rate")
+PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision; "auto" (resolve_precision) picks one for the machine
 WEIGHT_FORMATS = ("float", "int8", "binary", "mixed")
 EVAL_BATCH = 1024
 CALIBRATION_IMAGES = 4096  # at most this many training images (each with its own noise) fit the output bias: ~20 s on 2 cores
@@ -96,6 +97,10 @@ class TrainConfig:
     threshold_floor: float = 0.1  # θ never falls below this fraction of its value when training starts (per channel)
     norm: bool = False  # at T=1, batch-normalise each neuron's input current while training (folded into its conv/linear after); privatize turns it on
     device: str = "cpu"  # where training runs ("cpu", "cuda"); the returned model is on the CPU
+    # "fp32", or "bf16": convolutions and linear layers (student, teacher, reference) compute in bfloat16 under
+    # autocast, everything else (neurons, norms, losses, the optimiser's weights) in float32. The convolutions
+    # take half the time where the CPU multiplies bfloat16 natively (resolve_precision; BENCHMARKS.md, session 29).
+    precision: str = "fp32"
     seed: int = 0
 
 
@@ -174,6 +179,7 @@ class TrainableIF(nn.Module):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
+        current = current.float()  # a bfloat16 conv output (TrainConfig.precision): spikes and norms in float32
         theta = self.theta(current)  # shaped by the current's dimensions, which reshaping to T×B×… below keeps per step
         amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
         if steps == 1:  # stateless: no reshape, whose select would cost a full zero-filled copy backward
@@ -563,12 +569,43 @@ class _CurrentMatching:
         """The current-matching loss of the student's last forward pass, which was on ``inputs``."""
         with torch.no_grad():
             self.reference(inputs, timesteps, batch)
-        terms = [(self.student[key] - target).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in self.target.items()]
+        terms = [(self.student[key].float() - target.float()).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in self.target.items()]
         return torch.stack(terms).mean()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CPU with avx512_bf16 or AMX (Linux's flags), a CUDA GPU that torch says supports it."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell, so no
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``--precision``: "fp32" or "bf16" as given; "auto" is bf16 on a CPU that multiplies it natively, fp32 elsewhere.
+
+    Emulated, bfloat16 convolutions are slower than float32 ones, so "auto" never picks them there. On a
+    GPU "auto" stays fp32: bf16 training has been measured on CPUs only. A build's manifest records the
+    resolved value, so a rerun on another machine that resolves differently retrains rather than resumes.
+    """
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cpu" and native_bf16(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise PrivatizeError(f"precision {precision!r} is unknown; valid: auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of ``TrainConfig.precision`` on ``device`` (a no-op for "fp32")."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_spiking(
@@ -596,6 +633,8 @@ def train_spiking(
     mismatch of every spiking layer's input current to the reference's on the
     same inputs (``_CurrentMatching``).
     """
+    if config.precision not in PRECISIONS:
+        raise PrivatizeError(f"precision {config.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
     if config.batch_size < distributed.world_size():
         raise PrivatizeError(f"batch size {config.batch_size} is smaller than the {distributed.world_size()} torchrun processes sharing each batch")
     network = TrainingNetwork(model, config.surrogate_width, formats, config.threshold_floor, config.norm and timesteps == 1)
@@ -640,16 +679,19 @@ def train_spiking(
             batch, inputs, targets, second = _rank_share(batch, inputs, targets, second, timesteps)
         inputs = inputs.contiguous(memory_format=images_layout)
         batch, inputs, targets, second = batch.to(device), inputs.to(device), targets.to(device), second.to(device)
-        with torch.no_grad():
-            soft = F.softmax(teacher_network(batch.contiguous(memory_format=images_layout)) / temperature, dim=1)
-        logits = trained(inputs, timesteps, len(batch))
+        with torch.no_grad(), autocast(config.precision, device):
+            soft = F.softmax(teacher_network(batch.contiguous(memory_format=images_layout)).float() / temperature, dim=1)
+        with autocast(config.precision, device):
+            logits = trained(inputs, timesteps, len(batch)).float()
         distill = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature**2
         cross_entropy = kept * F.cross_entropy(logits, targets) + (1 - kept) * F.cross_entropy(logits, second)
         loss = distill + config.ce_weight * cross_entropy
         if features is not None:
             loss = loss + config.feature_weight * features.loss(network, timesteps)
         if currents is not None:
-            loss = loss + reference_weight * currents.loss(inputs, timesteps, len(batch))
+            with autocast(config.precision, device):
+                matching = currents.loss(inputs, timesteps, len(batch))
+            loss = loss + reference_weight * matching
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -1028,6 +1070,7 @@ def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, co
 
 
 __all__ = [
+    "PRECISIONS",
     "PrivatizeConfig",
     "RekeyConfig",
     "TrainConfig",
@@ -1042,15 +1085,18 @@ __all__ = [
     "check_device",
     "int8_weight",
     "mixed_weight",
+    "native_bf16",
     "phase_timesteps",
     "privatize",
     "quantize",
     "bias_carrier",
     "canonical_form",
     "rekey_thresholds",
+    "resolve_precision",
     "snn_logits",
     "split_holdout",
     "teacher_logits",
+    "autocast",
     "train_spiking",
     "weight_cosines",
     "without_output_bias",

@@ -191,6 +191,12 @@ def test_other_bad_inputs(args: list[str], fragment: str, tmp_path: Path, monkey
     assert_one_line_error(invoke(*args), fragment)
 
 
+def test_unknown_precision_is_a_one_line_error(tmp_path) -> None:
+    result = invoke("build", "--private", "--precision", "half", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "precision 'half' is unknown", "auto, fp32, bf16")
+    assert not (tmp_path / "out").exists()
+
+
 def test_usage_error_exits_2() -> None:
     result = invoke("build", "--no-such-option")
     assert result.exit_code == 2

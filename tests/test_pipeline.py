@@ -19,7 +19,7 @@ from edgesnn.binarize import BinarizeConfig
 from edgesnn.cli import app
 from edgesnn.convert import ConvertConfig
 from edgesnn.pipeline import BuildConfig, build
-from edgesnn.privatize import PrivatizeConfig, RekeyConfig, TrainConfig
+from edgesnn.privatize import PrivatizeConfig, RekeyConfig, TrainConfig, resolve_precision
 from edgesnn.synth import SynthConfig
 
 runner = CliRunner()
@@ -96,6 +96,11 @@ def test_private_binary_cli_json(tmp_path) -> None:
         assert key in document, key
     assert list(document["snn_accuracy"]) == ["1"] and document["timesteps"] == 1
     assert set(document["stages"]) == {"load", "synth", "convert", "privatize", "binarize", "export", "profile", "eval"}
+    # --precision auto resolved for this machine, and both training stages recorded it in the manifest.
+    assert document["precision"] == resolve_precision("auto")
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["privatize"]["config"]["privatize"]["train"]["precision"] == document["precision"]
+    assert stages["binarize"]["config"]["binarize"]["train"]["precision"] == document["precision"]
     layers = document["layers"]
     assert all(layer["weight_format"] in ("int8", "binary") for layer in layers.values())
     assert document["binary_fraction"] == pytest.approx(sum(l["weights"] for l in layers.values() if l["binarized"]) / sum(l["weights"] for l in layers.values()), abs=1e-4)
