@@ -569,7 +569,8 @@ class _CurrentMatching:
         """The current-matching loss of the student's last forward pass, which was on ``inputs``."""
         with torch.no_grad():
             self.reference(inputs, timesteps, batch)
-        terms = [(self.student[key].float() - target.float()).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in self.target.items()]
+        targets = {key: target.float() for key, target in self.target.items()}  # bfloat16 conv outputs under TrainConfig.precision
+        terms = [(self.student[key].float() - target).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in targets.items()]
         return torch.stack(terms).mean()
 
     def remove(self) -> None:
@@ -592,7 +593,7 @@ def native_bf16(device: str = "cpu") -> bool:
 def resolve_precision(precision: str, device: str = "cpu") -> str:
     """``--precision``: "fp32" or "bf16" as given; "auto" is bf16 on a CPU that multiplies it natively, fp32 elsewhere.
 
-    Emulated, bfloat16 convolutions are slower than float32 ones, so "auto" never picks them there. On a
+    Without native support torch emulates bfloat16, which can be slower than float32, so "auto" does not pick it there. On a
     GPU "auto" stays fp32: bf16 training has been measured on CPUs only. A build's manifest records the
     resolved value, so a rerun on another machine that resolves differently retrains rather than resumes.
     """
