@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
+from . import distributed, neuron_kernel
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import PrivatizeError
 from .graph import Graph, GraphNetwork, Node, module_key
@@ -179,6 +179,8 @@ class TrainableIF(nn.Module):
 
     def forward(self, current: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
+        if steps == 1 and (self.norm is None or (self.norm.training and self.norm.started)) and neuron_kernel.applies(current) and not distributed.active():
+            return self._fused(current)
         current = current.float()  # a bfloat16 conv output (TrainConfig.precision): spikes and norms in float32
         theta = self.theta(current)  # shaped by the current's dimensions, which reshaping to T×B×… below keeps per step
         amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
@@ -198,6 +200,23 @@ class TrainableIF(nn.Module):
                 membrane = membrane - theta * spikes
             outputs.append(spikes * amplitude)
         return torch.stack(outputs).reshape(-1, *outputs[0].shape[1:])
+
+    def _fused(self, current: torch.Tensor) -> torch.Tensor:
+        """The stateless step in training through ``neuron_kernel``: the function above, in four passes over the current.
+
+        Arithmetic in float32 as above; a bfloat16 current gives bfloat16 spikes (0 or the amplitude rounded as the next
+        convolution would round it under autocast). Under torchrun the norms' statistics need the ranks' sums, which
+        only the PyTorch graph takes.
+        """
+        theta = torch.maximum(self.threshold, self.floor)
+        amplitude = theta if self.amplitude is None else self.amplitude.clamp_min(1e-4)
+        norm = self.norm
+        out, mean, var = neuron_kernel.FusedNeuron.apply(
+            current, theta, amplitude, None if norm is None else norm.weight, None if norm is None else norm.bias, self.initial_membrane, self.width, _CurrentNorm.eps
+        )
+        if norm is not None:
+            norm.track(mean, var, current.numel() // current.shape[1])
+        return out
 
 
 class _CurrentNorm(nn.Module):
@@ -245,22 +264,26 @@ class _CurrentNorm(nn.Module):
             mean, var = self.running_mean, self.running_var
         else:
             mean, var, count = self._statistics(current)
-            with torch.no_grad():
-                if not self.started:
-                    self.running_mean.copy_(mean)
-                    self.running_var.copy_(var)
-                    self.weight.copy_((var + self.eps).sqrt())
-                    self.bias.copy_(mean)
-                    self.started = True
-                else:
-                    self.running_mean.lerp_(mean, self.momentum)
-                    self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+            self.track(mean, var, count)
         # One fused pass, x·s + (β − μ·s): the T=1 step costs ~10% more than without the norm (three
         # separate ops (x − μ)·s + β: ~35%; torch's batch_norm kernel rounds its statistics differently
         # from the summed ones a torchrun build needs).
         shape = (1, -1, *([1] * (current.dim() - 2)))
         scale = self.weight * (var + self.eps).rsqrt()
         return torch.addcmul((self.bias - mean * scale).reshape(shape), current, scale.reshape(shape))
+
+    @torch.no_grad()
+    def track(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Follow a training batch's statistics (``count`` values per channel); the first one also sets γ = σ, β = μ."""
+        if not self.started:
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var)
+            self.weight.copy_((var + self.eps).sqrt())
+            self.bias.copy_(mean)
+            self.started = True
+        else:
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
 
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # as forward computes it in eval mode
@@ -310,7 +333,13 @@ class _StraightThrough(nn.Module):
         self.binary_rows = tuple(binary_rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (quantize(weight, self.weight_format, self.binary_rows) - weight).detach()
+        straight = weight + (quantize(weight, self.weight_format, self.binary_rows) - weight).detach()
+        if straight.stride() != weight.stride() and weight.dim() == 4 and straight.is_contiguous(memory_format=torch.channels_last):
+            # A one-input-channel kernel (the first conv's) is contiguous in both layouts, and the arithmetic above
+            # gives it NCHW strides; the convolution then writes its output NCHW, which neuron_kernel cannot take.
+            # The same memory under the latent weight's channels-last strides keeps the output channels-last.
+            straight = straight.as_strided(weight.shape, weight.stride())
+        return straight
 
 
 def weight_format(graph: Graph, name: str) -> str:
@@ -569,9 +598,16 @@ class _CurrentMatching:
         """The current-matching loss of the student's last forward pass, which was on ``inputs``."""
         with torch.no_grad():
             self.reference(inputs, timesteps, batch)
-        targets = {key: target.float() for key, target in self.target.items()}  # bfloat16 conv outputs under TrainConfig.precision
-        terms = [(self.student[key].float() - target).square().mean() / target.square().mean().clamp_min(1e-8) for key, target in targets.items()]
-        return torch.stack(terms).mean()
+        return torch.stack([self._term(self.student[key], target) for key, target in self.target.items()]).mean()
+
+    @staticmethod
+    def _term(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """mean (I − I^ref)² / mean (I^ref)², in float32 (the currents are bfloat16 conv outputs under TrainConfig.precision)."""
+        if neuron_kernel.applies_pair(student, target):  # one pass each way instead of some ten
+            difference, reference = neuron_kernel.MatchingDistance.apply(student, target)
+            return difference / reference.clamp_min(1e-8)
+        target = target.float()
+        return (student.float() - target).square().mean() / target.square().mean().clamp_min(1e-8)
 
     def remove(self) -> None:
         for handle in self.handles:
