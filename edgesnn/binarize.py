@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from . import distributed, neuron_kernel
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import BinarizeError
 from .graph import fold_batchnorm
@@ -406,6 +407,7 @@ def binarize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, con
         "layers": layers,
         "final_training": losses,
         "output_bias": calibration,
+        "neuron_kernel": neuron_kernel.mode(config.train.device, distributed.world_size()),
         "seconds": round(time.perf_counter() - started, 2),
     }
     config_record = dict(model.config, binarize=asdict(config))

@@ -91,6 +91,11 @@ def library() -> ctypes.CDLL | None:
     return kernel
 
 
+def mode(device: str = "cpu", ranks: int = 1) -> str:
+    """What trains the one-timestep neurons on ``device`` with ``ranks`` torchrun processes: "compiled" (this kernel) or "pytorch"."""
+    return "compiled" if torch.device(device).type == "cpu" and ranks == 1 and library() is not None else "pytorch"
+
+
 def _layout(tensor: torch.Tensor) -> torch.memory_format | None:
     """The memory format in which ``tensor`` is rows × channels (channels last), or None if it is in neither."""
     if tensor.dim() == 2 and tensor.is_contiguous():

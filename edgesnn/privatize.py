@@ -1101,6 +1101,7 @@ def privatize(model: SpikingModel, teacher: Teacher, synthetic: SyntheticSet, co
         "output_bias": calibration,
         "weight_cosine_before": weight_cosines(converted.graph, converted),  # 1.0: conversion keeps the ANN's (BN-folded) weights
         "weight_cosine_after": cosine_after,
+        "neuron_kernel": neuron_kernel.mode(config.train.device, distributed.world_size()),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return replace(model, timesteps=config.timesteps, config={"convert": converted.config, "privatize": asdict(config)}, metrics=dict(converted.metrics, privatize=metrics))

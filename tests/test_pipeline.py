@@ -19,6 +19,7 @@ from edgesnn.binarize import BinarizeConfig
 from edgesnn.cli import app
 from edgesnn.convert import ConvertConfig
 from edgesnn.pipeline import BuildConfig, build
+from edgesnn import neuron_kernel
 from edgesnn.privatize import PrivatizeConfig, RekeyConfig, TrainConfig, resolve_precision
 from edgesnn.synth import SynthConfig
 
@@ -101,6 +102,9 @@ def test_private_binary_cli_json(tmp_path) -> None:
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["privatize"]["config"]["privatize"]["train"]["precision"] == document["precision"]
     assert stages["binarize"]["config"]["binarize"]["train"]["precision"] == document["precision"]
+    # And which code trained the one-timestep neurons: the compiled kernel wherever a C compiler is.
+    expected = "compiled" if neuron_kernel.library() is not None else "pytorch"
+    assert stages["privatize"]["metrics"]["neuron_kernel"] == stages["binarize"]["metrics"]["neuron_kernel"] == expected
     layers = document["layers"]
     assert all(layer["weight_format"] in ("int8", "binary") for layer in layers.values())
     assert document["binary_fraction"] == pytest.approx(sum(l["weights"] for l in layers.values() if l["binarized"]) / sum(l["weights"] for l in layers.values()), abs=1e-4)
