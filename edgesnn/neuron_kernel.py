@@ -7,8 +7,8 @@ At T=1 a ``TrainableIF`` with its current norm is, per channel c,
 (μ, σ² the batch's mean and biased variance, m₀ the initial membrane, a the
 spike amplitude), trained through the triangular surrogate
 ∂s/∂v = max(0, w − |v/θ − 1|)/(w²·θ). As a PyTorch graph that is some twenty
-elementwise passes over the current forward and backward, ~40% of a bfloat16
-training step on 2 CPU cores. ``neuron_kernel.c`` does it in two passes
+elementwise passes over the current forward and backward, a third of a
+bfloat16 training step on 2 CPU cores. ``neuron_kernel.c`` does it in two passes
 forward (moments, spikes) and two backward (per-channel sums, input
 gradient), reading bfloat16 currents as they come out of the convolutions.
 
