@@ -180,5 +180,6 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in_again
         run = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
         page_faults[mode] = int(run.stdout.split()[-1])
     pages = (64 << 20) // resource.getpagesize()
-    assert page_faults["default"] > 5 * pages, page_faults
-    assert page_faults["keep"] < 2 * pages, page_faults
+    # Measured 163,850 against 16,384, once 32,768 in a CI run: ten fresh mappings against one or two.
+    assert page_faults["default"] > 8 * pages, page_faults
+    assert page_faults["keep"] < 4 * pages, page_faults
