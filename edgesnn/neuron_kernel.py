@@ -40,12 +40,13 @@ _FLOATS = ctypes.POINTER(ctypes.c_float)
 _DOUBLES = ctypes.POINTER(ctypes.c_double)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags as Linux lists them (/proc/cpuinfo); empty where it cannot tell (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            return next((line for line in info if line.startswith("flags")), "")
+            return next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except OSError:
-        return ""
+        return []
 
 
 def _cache_dir() -> Path:
@@ -62,7 +63,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + " ".join(cpu_flags()).encode()).hexdigest()[:16]
     target = _cache_dir() / f"neuron-{key}.so"
     if not target.exists():
         try:

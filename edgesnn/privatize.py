@@ -618,11 +618,7 @@ def native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` multiplies bfloat16 natively: a CPU with avx512_bf16 or AMX (Linux's flags), a CUDA GPU that torch says supports it."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:  # not Linux: no way to tell, so no
-        return False
+    flags = neuron_kernel.cpu_flags()  # empty where Linux's list cannot be read: no way to tell, so no
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
