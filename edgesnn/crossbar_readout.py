@@ -15,9 +15,9 @@ or whether the compiled kernel or the torch operations compute it.
 The kernel is C compiled with the system compiler (``cc``, about a second; the flags
 select the host's vector instructions), so the per-element work and the noise run in one
 vectorised pass instead of a pass each. The library is kept in a cache folder
-(EDGESNN_CACHE_DIR, else $XDG_CACHE_HOME/edgesnn or ~/.cache/edgesnn) under a key of the
-source, the compiler and the CPU, so each machine compiles it once rather than every
-process; where the folder cannot be written, each process compiles its own. Without a
+(EDGESNN_CACHE_DIR, else $XDG_CACHE_HOME/edgesnn or ~/.cache/edgesnn; see ``native``) under a
+key of the source, the compiler and the CPU, so each machine compiles it once rather than
+every process; where the folder cannot be written, each process compiles its own. Without a
 compiler, or with EDGESNN_NO_KERNEL=1, the same arithmetic runs as torch operations: the
 same draws up to the last bits of log/cos/sin.
 """
@@ -25,10 +25,8 @@ same draws up to the last bits of log/cos/sin.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +34,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from . import native
 
 GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
 MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # SplitMix64's finaliser multipliers
@@ -180,52 +180,12 @@ _compile_failed = False
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _cached_path(compiler: str) -> str | None:
-    """Where this machine's build of the kernel is kept, or None where no key can be formed.
-
-    The key covers the source, the compiler (resolved path, size, modification time) and
-    the CPU (architecture, vendor, model and instruction-set flags: ``-march=native`` code
-    must not run on another CPU that shares the folder).
-    """
-    try:
-        with open("/proc/cpuinfo") as handle:
-            first_cpu = handle.read().split("\n\n")[0]
-        resolved = os.path.realpath(compiler)
-        compiler_stat = os.stat(resolved)
-    except OSError:
-        return None
-    cpu = [line for line in first_cpu.splitlines() if line.startswith(("vendor_id", "model name", "flags"))]
-    if not cpu:
-        return None
-    key = hashlib.sha256("\n".join([_SOURCE, resolved, str(compiler_stat.st_size), str(compiler_stat.st_mtime_ns), platform.machine(), *cpu]).encode()).hexdigest()[:32]
-    folder = os.environ.get("EDGESNN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "edgesnn")
-    if not os.path.isabs(folder):
-        return None  # no home folder to put it in
-    return os.path.join(folder, f"readout-{key}.so")
-
-
-def _keep(built: str, cached: str) -> None:
-    """Copy the built library into the cache under a temporary name and rename it into place
-    (atomic: a process that loads it concurrently sees the whole file or none)."""
-    partial = None
-    try:
-        os.makedirs(os.path.dirname(cached), mode=0o700, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".so.partial")
-        os.close(handle)
-        shutil.copyfile(built, partial)
-        os.replace(partial, cached)
-    except OSError:
-        # No cache: the next process compiles again; a half-copied file is not left behind.
-        if partial is not None and os.path.exists(partial):
-            os.remove(partial)
-
-
 def _compile() -> ctypes.CDLL | None:
     """The kernel built for this machine (from the cache where it was built before), or None without a working C compiler."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = native.compiler()
     if compiler is None:
         return None
-    cached = _cached_path(compiler)
+    cached = native.cached_path("readout", compiler, _SOURCE)
     library = None
     if cached is not None and os.path.isfile(cached):
         try:
@@ -265,7 +225,7 @@ def _build(compiler: str, cached: str | None) -> ctypes.CDLL | None:
             if compiled.returncode == 0 and subprocess.run([compiler, "-shared", *openmp, path_o, "-o", path_so, "-lm"], capture_output=True).returncode == 0:
                 library = ctypes.CDLL(path_so)
                 if cached is not None:
-                    _keep(path_so, cached)
+                    native.keep(path_so, cached)
                 return library
         return None
     except OSError:

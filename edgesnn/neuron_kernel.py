@@ -13,25 +13,25 @@ forward (moments, spikes) and two backward (per-channel sums, input
 gradient), reading bfloat16 currents as they come out of the convolutions.
 
 The C file is compiled on first use with the system's C compiler (``CC``,
-else ``cc``) into ``$XDG_CACHE_HOME/edgesnn`` (``~/.cache/edgesnn``), under
-a name that hashes the source, the flags and the CPU's feature flags (the
-build targets this CPU). Where no compiler is found or it fails, ``library()``
-is None and training takes the PyTorch graph, which computes the same
-function; so does ``EDGESNN_NEURON_KERNEL=python``.
+else ``cc``) and kept per machine as ``native`` describes (``EDGESNN_CACHE_DIR``,
+else ``~/.cache/edgesnn``; the name hashes the source, the flags, the compiler
+and the CPU: the build targets this CPU). Where no compiler is found or it
+fails, ``library()`` is None and training takes the PyTorch graph, which
+computes the same function; so does ``EDGESNN_NEURON_KERNEL=python``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+
+from . import native
 
 SOURCE = Path(__file__).with_name("neuron_kernel.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
@@ -40,44 +40,32 @@ _FLOATS = ctypes.POINTER(ctypes.c_float)
 _DOUBLES = ctypes.POINTER(ctypes.c_double)
 
 
-def cpu_flags() -> list[str]:
-    """This CPU's feature flags as Linux lists them (/proc/cpuinfo); empty where it cannot tell (not Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            return next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return []
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgesnn"
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, flags and CPU), or None where it cannot be had or is switched off."""
+    """The compiled kernel (built once per source, flags, compiler and CPU), or None where it cannot be had or is switched off."""
     if os.environ.get("EDGESNN_NEURON_KERNEL", "").lower() == "python":
         return None
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    compiler = native.compiler()
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + " ".join(cpu_flags()).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"neuron-{key}.so"
-    if not target.exists():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Compiled beside the target and renamed: a build that is interrupted, or another process building
-            # the same file at once, never leaves a half-written library under the final name.
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
-                os.replace(built, target)
-        except (OSError, subprocess.SubprocessError):
-            return None
+    target = native.cached_path("neuron", compiler, SOURCE.read_bytes(), " ".join(FLAGS))
+    if target is None or not os.path.isfile(target):
+        with tempfile.TemporaryDirectory(prefix="edgesnn-neuron-") as scratch:
+            built = os.path.join(scratch, "neuron.so")
+            try:
+                subprocess.run([compiler, *FLAGS, "-o", built, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            if target is None or not native.keep(built, target):
+                # No cache folder to keep it in: this process loads its own build (mapped, so the scratch folder can go).
+                return _declare(built)
+    return _declare(target)
+
+
+def _declare(path: str) -> ctypes.CDLL | None:
+    """The library at ``path`` with its functions' argument types declared, or None where it does not load."""
     try:
-        kernel = ctypes.CDLL(str(target))
+        kernel = ctypes.CDLL(path)
     except OSError:
         return None
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_int

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, neuron_kernel
+from . import distributed, native, neuron_kernel
 from .artifacts import Progress, SpikingModel, SyntheticSet, Teacher, no_progress
 from .errors import PrivatizeError
 from .graph import Graph, GraphNetwork, Node, module_key
@@ -618,7 +618,7 @@ def native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` multiplies bfloat16 natively: a CPU with avx512_bf16 or AMX (Linux's flags), a CUDA GPU that torch says supports it."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    flags = neuron_kernel.cpu_flags()  # empty where Linux's list cannot be read: no way to tell, so no
+    flags = native.cpu_flags()  # empty where Linux's list cannot be read: no way to tell, so no
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
