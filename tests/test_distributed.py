@@ -58,43 +58,26 @@ def two_ranks(tmp_path_factory) -> None:
         pytest.skip("this machine cannot run 2-process gloo in plain torch:\n" + failure(done))
 
 
-@pytest.fixture(scope="module")
-def graph_one_step(resnet_teacher, resnet_synthetic):
-    """conftest's ``one_step`` as the PyTorch graph trains it (the ranks' path, see ``torchrun``).
-
-    From the kernel-trained one, one process and two ranks (both on the graph) part at stem.0 by more than this
-    test allows (0.0032 against 0.02 × 0.026 after 12 steps; not yet explained), from this one they do not.
-    """
-    from edgesnn import neuron_kernel
-    from edgesnn.convert import ConvertConfig, convert
-    from edgesnn.privatize import PrivatizeConfig, TrainConfig, privatize
-
-    patch = pytest.MonkeyPatch()
-    patch.setenv("EDGESNN_NEURON_KERNEL", "python")
-    neuron_kernel.library.cache_clear()
-    try:
-        converted = convert(resnet_teacher, resnet_synthetic, ConvertConfig(timesteps=2))
-        config = PrivatizeConfig(timesteps=1, schedule=(), final_steps=30, bias_noise=0.0, train=TrainConfig(batch_size=64))
-        return privatize(converted, resnet_teacher, resnet_synthetic, config)
-    finally:
-        patch.undo()
-        neuron_kernel.library.cache_clear()
-
-
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
-def test_two_ranks_train_as_one_process(two_ranks, graph_one_step, resnet_teacher, resnet_synthetic, real_images, tmp_path, norm) -> None:
+def test_two_ranks_train_as_one_process(two_ranks, one_step, resnet_teacher, resnet_synthetic, real_images, tmp_path, norm) -> None:
     # DDP on two shares of each batch averages their gradients: the gradient of the whole batch.
-    # Only the order of float sums differs, so the weights agree closely after 12 Adam steps.
+    # Only the order of float sums differs, so the weights agree closely after a few Adam steps.
     # With norm, each neuron's input current is normalised by the statistics of the whole batch
     # (summed over the ranks, gradients too), not of each rank's half.
+    # A few, not many: spikes make training chaotic at this scale. One process started from these
+    # weights plus 1e-7 noise ends 12 steps 0.0072 away (a quarter of what the steps moved), and
+    # after 4 steps 0.004: one flipped spike (a v within rounding of θ) changes tiny gradients, which
+    # Adam scales to full steps. The order of sums flips far fewer spikes than that noise: after 4
+    # steps one process and two ranks part by ≤ 0.0043 × the movement over four starts (this one,
+    # a graph-trained one, each + 1e-7 noise); after 12 they parted by 0.12 × from this start.
     (tmp_path / "teacher.pt").write_bytes(teacher_bytes(resnet_teacher))
     (tmp_path / "synthetic.npz").write_bytes(synthetic_bytes(resnet_synthetic))
-    (tmp_path / "snn.pt").write_bytes(spiking_bytes(graph_one_step))
+    (tmp_path / "snn.pt").write_bytes(spiking_bytes(one_step))
     for processes in (1, 2):
-        done = torchrun(processes, str(FIXTURE), str(tmp_path), "12", *(["norm"] if norm else []), tmp=tmp_path)
+        done = torchrun(processes, str(FIXTURE), str(tmp_path), "4", *(["norm"] if norm else []), tmp=tmp_path)
         assert done.returncode == 0, failure(done)
     one, two = (read_spiking(tmp_path / f"trained-{n}.pt") for n in (1, 2))
-    start = {node.name: node.params["weight"] for node in graph_one_step.graph.weighted()}
+    start = {node.name: node.params["weight"] for node in one_step.graph.weighted()}
     for a, b in zip(one.graph.weighted(), two.graph.weighted()):
         moved = (a.params["weight"] - start[a.name]).abs().max()
         assert moved > 1e-4, a.name  # training moved the layer
