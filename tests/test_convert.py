@@ -198,3 +198,29 @@ def test_spiking_state_round_trip_is_weights_only(resnet_teacher, resnet_synthet
 def test_bad_convert_configs(resnet_teacher, resnet_synthetic, config, message: str) -> None:
     with pytest.raises(ConvertError, match=message):
         convert(resnet_teacher, resnet_synthetic, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amplitude", [None, 0.37], ids=["theta", "amplitude"])
+def test_one_step_neuron_is_the_loop_at_t1(real_images, resnet_teacher, dtype, amplitude) -> None:
+    """T=1 takes a path of its own (a·[θ·m₀ + I ≥ θ]); it must round as the T-step loop does, and keep channels-last."""
+    first = next(module for module in resnet_teacher.network.modules() if isinstance(module, torch.nn.Conv2d))
+    with torch.no_grad():
+        current = torch.nn.functional.conv2d(torch.from_numpy(real_images.images[:64]), first.weight, first.bias, first.stride, first.padding)
+    theta = current.abs().mean((0, 2, 3)) + 0.05
+    edge = (theta - theta * 0.5).reshape(1, -1, 1, 1)
+    current[:4] = edge  # exactly where v = θ
+    current[4:8] = torch.nextafter(edge, torch.zeros(())).expand(4, *current.shape[1:])  # one ulp below: rounding decides
+    current = current.to(dtype).contiguous(memory_format=torch.channels_last)
+    neuron = IFNeuron(theta, 0.5, None if amplitude is None else torch.tensor(amplitude))
+    neuron.timesteps, neuron.batch = 1, len(current)
+    fast = neuron(current)
+    # The loop's arithmetic for one step: v ← θ·m₀; v ← v + I; s = [v ≥ θ]; out = a·s.
+    column = theta.reshape(-1, 1, 1)
+    membrane = torch.ones_like(current) * column * 0.5
+    membrane.add_(current)
+    expected = torch.empty_like(current)
+    torch.mul(membrane >= column, column if amplitude is None else torch.tensor(amplitude), out=expected)
+    assert torch.equal(fast, expected) and fast.dtype == dtype
+    assert 0 < int((fast > 0).sum()) < fast.numel()
+    assert fast.is_contiguous(memory_format=torch.channels_last)
