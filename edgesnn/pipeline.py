@@ -114,7 +114,7 @@ class Budget:
 # for the whole --private --binary build of a zoo model.
 BUDGETS: dict[str, Budget] = {
     "fast": Budget(synth_count=1024, temporal_steps=20, final_steps=200, binarize_step_steps=30, binarize_final_steps=100),
-    "standard": Budget(synth_count=2048, temporal_steps=20, final_steps=500, binarize_step_steps=60, binarize_final_steps=250),
+    "standard": Budget(synth_count=2048, temporal_steps=20, final_steps=450, binarize_step_steps=50, binarize_final_steps=250),
     "thorough": Budget(synth_count=8192, temporal_steps=150, final_steps=4000, binarize_step_steps=300, binarize_final_steps=2000, size_ratio=15.0),
 }
 
