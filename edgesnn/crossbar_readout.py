@@ -27,9 +27,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,15 +183,7 @@ def _compile() -> ctypes.CDLL | None:
     compiler = native.compiler()
     if compiler is None:
         return None
-    cached = native.cached_path("readout", compiler, _SOURCE)
-    library = None
-    if cached is not None and os.path.isfile(cached):
-        try:
-            library = ctypes.CDLL(cached)
-        except OSError:
-            library = None  # unreadable or foreign: build it again
-    if library is None:
-        library = _build(compiler, cached)
+    library = native.load("readout", compiler, (_SOURCE,), lambda path: _build(compiler, path))
     if library is None:
         return None
     library.esnn_normals.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint64]
@@ -209,29 +199,21 @@ def _compile() -> ctypes.CDLL | None:
     return library
 
 
-def _build(compiler: str, cached: str | None) -> ctypes.CDLL | None:
-    """Compile the kernel with the best flags the compiler takes; keep it at ``cached`` if given."""
-    folder = tempfile.mkdtemp(prefix="edgesnn-readout-")
-    try:
-        path_c, path_o, path_so = (os.path.join(folder, name) for name in ("readout.c", "readout.o", "readout.so"))
-        with open(path_c, "w") as handle:
-            handle.write(_SOURCE)
-        # -ffast-math for the compile only: it lets libmvec vectorise logf/cosf/sinf; linked
-        # without it, so no startup code changes the process's floating-point (denormal) mode.
-        # -fopenmp: the kernel's threads are torch's own (the same libgomp, already loaded).
-        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-            compiled = subprocess.run([compiler, "-O3", *flags, "-ffast-math", "-fPIC", "-c", path_c, "-o", path_o], capture_output=True)
-            openmp = ["-fopenmp"] if "-fopenmp" in flags else []
-            if compiled.returncode == 0 and subprocess.run([compiler, "-shared", *openmp, path_o, "-o", path_so, "-lm"], capture_output=True).returncode == 0:
-                library = ctypes.CDLL(path_so)
-                if cached is not None:
-                    native.keep(path_so, cached)
-                return library
-        return None
-    except OSError:
-        return None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+def _build(compiler: str, path_so: str) -> bool:
+    """Compile the kernel into ``path_so`` with the best flags the compiler takes; False where none works."""
+    folder = os.path.dirname(path_so)
+    path_c, path_o = os.path.join(folder, "readout.c"), os.path.join(folder, "readout.o")
+    with open(path_c, "w") as handle:
+        handle.write(_SOURCE)
+    # -ffast-math for the compile only: it lets libmvec vectorise logf/cosf/sinf; linked
+    # without it, so no startup code changes the process's floating-point (denormal) mode.
+    # -fopenmp: the kernel's threads are torch's own (the same libgomp, already loaded).
+    for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        compiled = subprocess.run([compiler, "-O3", *flags, "-ffast-math", "-fPIC", "-c", path_c, "-o", path_o], capture_output=True)
+        openmp = ["-fopenmp"] if "-fopenmp" in flags else []
+        if compiled.returncode == 0 and subprocess.run([compiler, "-shared", *openmp, path_o, "-o", path_so, "-lm"], capture_output=True).returncode == 0:
+            return True
+    return False
 
 
 def kernel() -> ctypes.CDLL | None:

@@ -15,11 +15,13 @@ whole file or none, and an interrupted copy leaves nothing behind.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 
 
 def compiler() -> str | None:
@@ -83,3 +85,23 @@ def keep(built: str, cached: str) -> bool:
         if partial is not None and os.path.exists(partial):
             os.remove(partial)
         return False
+
+
+def load(name: str, compiler_path: str, parts: tuple[str | bytes, ...], build: Callable[[str], bool]) -> ctypes.CDLL | None:
+    """This machine's build of kernel ``name``: from the cache where one loads, else ``build(path)`` (True once it has
+    written a shared library at ``path``, in a scratch folder), kept in the cache and loaded; None where it cannot be built."""
+    cached = cached_path(name, compiler_path, *parts)
+    if cached is not None and os.path.isfile(cached):
+        try:
+            return ctypes.CDLL(cached)
+        except OSError:
+            pass  # unreadable or foreign: build it again
+    with tempfile.TemporaryDirectory(prefix=f"edgesnn-{name}-") as scratch:
+        built = os.path.join(scratch, f"{name}.so")
+        try:
+            library = ctypes.CDLL(built) if build(built) else None
+        except OSError:
+            return None
+        if library is not None and cached is not None:
+            keep(built, cached)
+        return library  # mapped: the scratch folder can go

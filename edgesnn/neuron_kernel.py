@@ -26,7 +26,6 @@ import ctypes
 import functools
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,26 +47,20 @@ def library() -> ctypes.CDLL | None:
     compiler = native.compiler()
     if compiler is None:
         return None
-    target = native.cached_path("neuron", compiler, SOURCE.read_bytes(), " ".join(FLAGS))
-    if target is None or not os.path.isfile(target):
-        with tempfile.TemporaryDirectory(prefix="edgesnn-neuron-") as scratch:
-            built = os.path.join(scratch, "neuron.so")
-            try:
-                subprocess.run([compiler, *FLAGS, "-o", built, str(SOURCE)], check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError):
-                return None
-            if target is None or not native.keep(built, target):
-                # No cache folder to keep it in: this process loads its own build (mapped, so the scratch folder can go).
-                return _declare(built)
-    return _declare(target)
+
+    def build(path: str) -> bool:
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", path, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        except subprocess.SubprocessError:
+            return False
+        return True
+
+    kernel = native.load("neuron", compiler, (SOURCE.read_bytes(), " ".join(FLAGS)), build)
+    return None if kernel is None else _declare(kernel)
 
 
-def _declare(path: str) -> ctypes.CDLL | None:
-    """The library at ``path`` with its functions' argument types declared, or None where it does not load."""
-    try:
-        kernel = ctypes.CDLL(path)
-    except OSError:
-        return None
+def _declare(kernel: ctypes.CDLL) -> ctypes.CDLL:
+    """``kernel`` with its functions' argument types declared."""
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     kernel.esnn_neuron_moments.argtypes = [number, pointer, size, size, number, _DOUBLES]
     kernel.esnn_neuron_forward.argtypes = [number, pointer, size, size, _FLOATS, _FLOATS, _FLOATS, _FLOATS, number, pointer]

@@ -81,3 +81,23 @@ def test_both_kernels_share_one_cache_folder(tmp_path, monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         neuron_kernel.library.cache_clear()
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGESNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("EDGESNN_NEURON_KERNEL", raising=False)
+    try:
+        neuron_kernel.library.cache_clear()
+        if neuron_kernel.library() is None:
+            pytest.skip("no C compiler")
+        (cached,) = tmp_path.glob("neuron-*.so")
+        # A truncated or foreign file under the right name (a new file: the loaded one stays mapped as it was).
+        garbage = tmp_path / "garbage"
+        garbage.write_bytes(b"not a shared library")
+        os.replace(garbage, cached)
+        neuron_kernel.library.cache_clear()
+        assert neuron_kernel.library() is not None
+        assert cached.read_bytes()[:4] == b"\x7fELF" and [path.name for path in tmp_path.iterdir()] == [cached.name]
+    finally:
+        monkeypatch.undo()
+        neuron_kernel.library.cache_clear()
